@@ -1,0 +1,172 @@
+"""Process-group setup, rank helpers, cluster hooks and training-state checkpoints."""
+
+import os
+import re
+import socket
+import uuid
+
+import torch
+
+from . import training_stats
+
+
+def _free_tcp_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('', 0))
+        return sock.getsockname()[1]
+
+
+def init():
+    """Join (or create) the process group and set up cross-rank training statistics.
+
+    Works under torchrun and as a plain single process, for which the rendezvous variables are
+    filled in. Uses NCCL when CUDA is available and gloo otherwise.
+    """
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault('MASTER_ADDR', 'localhost')
+        os.environ.setdefault('MASTER_PORT', str(_free_tcp_port()))
+        os.environ.setdefault('RANK', '0')
+        os.environ.setdefault('LOCAL_RANK', '0')
+        os.environ.setdefault('WORLD_SIZE', '1')
+        use_cuda = torch.cuda.is_available()
+        backend = 'nccl' if use_cuda and os.name != 'nt' else 'gloo'
+        init_method = 'env://?use_libuv=False' if os.name == 'nt' else 'env://'
+        torch.distributed.init_process_group(backend=backend, init_method=init_method)
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+
+    sync_device = None
+    if get_world_size() > 1:
+        on_nccl = torch.distributed.get_backend() == 'nccl'
+        sync_device = torch.device('cuda') if on_nccl else torch.device('cpu')
+    training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+
+def get_rank():
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs)
+
+
+def should_stop():
+    """Whether a cluster scheduler asked the job to end now (never, for a plain launch)."""
+    return False
+
+
+def should_suspend():
+    """Whether a cluster scheduler asked the job to pause after a checkpoint (never, for a plain launch)."""
+    return False
+
+
+def request_suspend():
+    """Ask the cluster scheduler to pause and later resume this job; a plain launch has none."""
+
+
+def update_progress(cur, total):
+    """Tell the cluster scheduler how far the job is (in kimg); a plain launch has none."""
+
+
+def _export_state(obj):
+    if obj is None or isinstance(obj, dict):
+        return obj
+    if hasattr(obj, 'state_dict'):
+        return obj.state_dict()
+    if hasattr(obj, '__getstate__'):
+        return obj.__getstate__()
+    return obj.__dict__
+
+
+def _import_state(obj, state):
+    if obj is None:
+        return
+    if isinstance(obj, dict):
+        obj.clear()
+        obj.update(state)
+    elif hasattr(obj, 'load_state_dict'):
+        obj.load_state_dict(state)
+    elif hasattr(obj, '__setstate__'):
+        obj.__setstate__(state)
+    else:
+        obj.__dict__.clear()
+        obj.__dict__.update(state or {})  # an attribute-less object exports None
+
+
+def _fsync_dir(path):
+    if os.name == 'nt':
+        return  # directories cannot be opened for fsync on Windows
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_atomically(data, pt_path):
+    # The temp name starts with '.' and ends in '.tmp', so checkpoint patterns never match it.
+    target_dir = os.path.dirname(os.path.abspath(pt_path))
+    tmp_path = os.path.join(target_dir, f'.{os.path.basename(pt_path)}.{uuid.uuid4().hex}.tmp')
+    try:
+        with open(tmp_path, 'xb') as f:
+            torch.save(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, pt_path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    _fsync_dir(target_dir)
+
+
+class CheckpointIO:
+    """Saves and restores the state of named objects (modules, optimizers, dicts, plain objects).
+
+    An object contributes its state_dict(), else __getstate__(), else __dict__; a dict is stored
+    as is and None stores nothing. Saving is done by rank 0 and is atomic: a crash mid-save leaves
+    any earlier file at that path untouched.
+    """
+
+    def __init__(self, **state_objs):
+        self._state_objs = state_objs
+
+    def save(self, pt_path, verbose=True):
+        if verbose:
+            print0(f'Saving {pt_path} ... ', end='', flush=True)
+        if get_rank() == 0:
+            data = {name: _export_state(obj) for name, obj in self._state_objs.items()}
+            _save_atomically(data, pt_path)
+        if verbose:
+            print0('done')
+
+    def load(self, pt_path, verbose=True):
+        if verbose:
+            print0(f'Loading {pt_path} ... ', end='', flush=True)
+        # weights_only=False: checkpoints hold EasyDicts and other plain Python objects.
+        data = torch.load(pt_path, map_location=torch.device('cpu'), weights_only=False)
+        missing = [name for name in self._state_objs if name not in data]
+        if missing:
+            raise ValueError(f'Checkpoint {pt_path} has no entry for {missing}; it contains {list(data.keys())}')
+        for name, obj in self._state_objs.items():
+            _import_state(obj, data[name])
+        if verbose:
+            print0('done')
+
+    def load_latest(self, run_dir, pattern=r'training-state-(\d+).pt', verbose=True):
+        """Load the file in `run_dir` whose name matches `pattern` with the largest number; return its path or None."""
+        numbered = []
+        for file_name in os.listdir(run_dir):
+            match = re.fullmatch(pattern, file_name)
+            if match:
+                numbered.append((int(match.group(1)), file_name))
+        if not numbered:
+            return None
+        pt_path = os.path.join(run_dir, max(numbered)[1])
+        self.load(pt_path, verbose=verbose)
+        return pt_path
