@@ -1,0 +1,268 @@
+"""Build datasets for train_edm2.py: PNG image sets (convert) and VAE latent sets (encode).
+
+Output layout (ZIP or directory): 00000/img00000000.png, ... or 00000/img-mean-std-00000000.npy,
+1000 files per folder, and dataset.json with {"labels": [[path, label], ...]} or {"labels": null}.
+"""
+
+import io
+import json
+import os
+import re
+import zipfile
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+from tqdm import tqdm
+
+from training.encoders import StabilityVAEEncoder
+
+#----------------------------------------------------------------------------
+# Sources. Each opener returns (names, load_image, labels): the sorted image names, a function
+# name -> PIL image, and a dict name -> label (or None when the source has no labels).
+
+def is_image_name(name):
+    return os.path.splitext(name)[1].lower() in PIL.Image.registered_extensions()
+
+def parse_labels_json(data, where):
+    try:
+        labels = json.loads(data)['labels']
+        return None if labels is None else {name: label for name, label in labels}
+    except (ValueError, KeyError, TypeError) as err:
+        raise click.ClickException(f'{where}: expected {{"labels": [[path, label], ...]}} or {{"labels": null}} ({err})')
+
+def open_folder(path):
+    names = sorted(os.path.relpath(os.path.join(root, fname), path).replace(os.sep, '/')
+        for root, _dirs, fnames in os.walk(path) for fname in fnames if is_image_name(fname))
+    json_path = os.path.join(path, 'dataset.json')
+    labels = None
+    if os.path.isfile(json_path):
+        with open(json_path, 'rb') as f:
+            labels = parse_labels_json(f.read(), json_path)
+    if labels is None:
+        # Without dataset.json, images grouped in several top-level folders are labelled by folder.
+        groups = [name.split('/')[0] if '/' in name else '' for name in names]
+        group_ids = {group: idx for idx, group in enumerate(sorted(set(groups)))}
+        if len(group_ids) > 1:
+            labels = {name: group_ids[group] for name, group in zip(names, groups)}
+    return names, lambda name: PIL.Image.open(os.path.join(path, name)), labels
+
+def open_zip(path):
+    archive = zipfile.ZipFile(path)
+    names = sorted(name for name in archive.namelist() if is_image_name(name))
+    labels = None
+    if 'dataset.json' in archive.namelist():
+        labels = parse_labels_json(archive.read('dataset.json'), f'{path}/dataset.json')
+    return names, lambda name: PIL.Image.open(io.BytesIO(archive.read(name))), labels
+
+def open_sklearn_digits(size):
+    from sklearn.datasets import load_digits # imported here: only this source needs scikit-learn
+    digits = load_digits()
+    grey = np.round(digits.images * (255 / 16)).astype(np.uint8) # pixel values are 0..16
+    names = [f'digit{idx:04d}' for idx in range(len(grey))]
+    images = dict(zip(names, grey))
+    labels = dict(zip(names, digits.target.tolist()))
+    def load_image(name):
+        image = PIL.Image.fromarray(images[name], 'L').convert('RGB')
+        return image if size is None else image.resize(size, PIL.Image.BICUBIC) # smooth strokes when upscaling 8x8
+    return names, load_image, labels
+
+def open_source(source, size=None):
+    if source == 'sklearn-digits':
+        return open_sklearn_digits(size)
+    if os.path.isdir(source):
+        return open_folder(source)
+    if os.path.isfile(source) and source.lower().endswith('.zip'):
+        return open_zip(source)
+    if not os.path.exists(source):
+        raise click.ClickException(f'--source {source} does not exist')
+    raise click.ClickException(f'--source {source} must be a directory, a .zip file or sklearn-digits')
+
+def load_rgb(load_image, name, source):
+    try:
+        with load_image(name) as image:
+            return image.convert('RGB')
+    except Exception as err:
+        raise click.ClickException(f'Cannot read image {name} from {source}: {err}')
+
+#----------------------------------------------------------------------------
+# Transforms: PIL image -> PIL image of the requested size, or None to skip the image.
+
+def resize_if_needed(image, size):
+    if size is None or image.size == size:
+        return image
+    return image.resize(size, PIL.Image.LANCZOS)
+
+def center_crop(image, size):
+    w, h = image.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s)).resize(size, PIL.Image.LANCZOS)
+
+def center_crop_wide(image, size):
+    width, height = size
+    w, h = image.size
+    crop_h = int(np.round(width * h / w))
+    if w < width or crop_h < height:
+        return None
+    top = (h - crop_h) // 2
+    band = image.crop((0, top, w, top + crop_h)).resize(size, PIL.Image.LANCZOS)
+    canvas = PIL.Image.new('RGB', (width, width))
+    canvas.paste(band, (0, (width - height) // 2))
+    return canvas
+
+def center_crop_dhariwal(image, size):
+    res = size[0]
+    while min(image.size) >= 2 * res:
+        image = image.resize(tuple(dim // 2 for dim in image.size), PIL.Image.BOX)
+    scale = res / min(image.size)
+    image = image.resize(tuple(round(dim * scale) for dim in image.size), PIL.Image.BICUBIC)
+    left, top = (image.size[0] - res) // 2, (image.size[1] - res) // 2
+    return image.crop((left, top, left + res, top + res))
+
+def make_transform(kind, size):
+    if kind is None:
+        return lambda image: resize_if_needed(image, size)
+    if size is None:
+        raise click.ClickException(f'--transform={kind} needs --resolution')
+    if kind == 'center-crop-dhariwal' and size[0] != size[1]:
+        raise click.ClickException(f'--transform=center-crop-dhariwal needs a square --resolution, got {size[0]}x{size[1]}')
+    crop = {'center-crop': center_crop, 'center-crop-wide': center_crop_wide, 'center-crop-dhariwal': center_crop_dhariwal}[kind]
+    return lambda image: crop(image, size)
+
+#----------------------------------------------------------------------------
+# Destination: a ZIP archive (stored, uncompressed) or an empty/new directory.
+
+class DatasetWriter:
+    def __init__(self, dest):
+        self._dest = dest
+        self._zip = None
+        if dest.lower().endswith('.zip'):
+            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+            self._zip = zipfile.ZipFile(dest, 'w', compression=zipfile.ZIP_STORED)
+        elif os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+            raise click.ClickException(f'--dest {dest} must be a .zip path, a new directory or an empty directory')
+
+    def write(self, name, data):
+        if self._zip is not None:
+            self._zip.writestr(name, data)
+            return
+        path = os.path.join(self._dest, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'wb') as f:
+            f.write(data)
+
+    def close(self):
+        if self._zip is not None:
+            self._zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+def archive_name(idx, stem, ext):
+    return f'{idx:08d}'[:5] + f'/{stem}{idx:08d}.{ext}'
+
+def labels_json(entries):
+    labelled = all(label is not None for _name, label in entries)
+    return json.dumps({'labels': entries if labelled else None}).encode()
+
+#----------------------------------------------------------------------------
+# Command line.
+
+def parse_size(_ctx, _param, value):
+    if value is None:
+        return None
+    match = re.fullmatch(r'\s*(\d+)\s*[x,]\s*(\d+)\s*', value)
+    if match is None:
+        raise click.BadParameter(f'expected WIDTHxHEIGHT (or WIDTH,HEIGHT), e.g. 64x64; got {value!r}')
+    return int(match.group(1)), int(match.group(2))
+
+@click.group()
+def cli():
+    """Convert image collections to EDM2 dataset archives and encode them into VAE latents.
+
+    \b
+    python dataset_tool.py convert --source=sklearn-digits --dest=datasets/digits16.zip --resolution=16x16
+    python dataset_tool.py convert --source=downloads/imagenet/train --dest=datasets/img512.zip \\
+        --resolution=512x512 --transform=center-crop-dhariwal
+    python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    """
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    if world_size != 1:
+        raise click.ClickException(f'dataset_tool.py runs as a single process; found WORLD_SIZE={world_size}, launch it without torchrun')
+
+def check_output_size(size, first_size, name):
+    width, height = size
+    if width != height or width & (width - 1) != 0:
+        raise click.ClickException(f'Image {name} comes out {width}x{height}; outputs must be square with a power-of-two side (use --resolution/--transform)')
+    if size != first_size:
+        raise click.ClickException(f'Image {name} comes out {width}x{height}, earlier images {first_size[0]}x{first_size[1]}; use --resolution to get one size')
+
+@cli.command()
+@click.option('--source', help='Image directory, ZIP archive, or sklearn-digits', metavar='PATH', type=str, required=True)
+@click.option('--dest', help='Output .zip archive or directory', metavar='PATH', type=str, required=True)
+@click.option('--max-images', help='Use at most this many source images', metavar='INT', type=click.IntRange(min=1))
+@click.option('--transform', help='How to bring images to the output size', type=click.Choice(['center-crop', 'center-crop-wide', 'center-crop-dhariwal']))
+@click.option('--resolution', help='Output size', metavar='WxH', type=str, callback=parse_size)
+def convert(source, dest, max_images, transform, resolution):
+    """Write images as a PNG dataset with labels in dataset.json."""
+    names, load_image, labels = open_source(source, resolution)
+    names = names[:max_images]
+    if len(names) == 0:
+        raise click.ClickException(f'--source {source} contains no images')
+    apply_transform = make_transform(transform, resolution)
+    labels = labels or {}
+    entries = []
+    first_size = None
+    with DatasetWriter(dest) as writer:
+        for idx, name in enumerate(tqdm(names, desc='convert', unit='img')):
+            image = apply_transform(load_rgb(load_image, name, source))
+            if image is None:
+                continue # skipped images keep their index, as in EDM2
+            first_size = first_size or image.size
+            check_output_size(image.size, first_size, name)
+            data = io.BytesIO()
+            image.save(data, format='png', compress_level=0, optimize=False)
+            out_name = archive_name(idx, 'img', 'png')
+            writer.write(out_name, data.getvalue())
+            entries.append([out_name, labels.get(name)])
+        writer.write('dataset.json', labels_json(entries))
+
+@cli.command()
+@click.option('--model-url', help='VAE: Hugging Face name or local diffusers directory', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
+@click.option('--source', help='Image dataset: directory or ZIP archive', metavar='PATH', type=str, required=True)
+@click.option('--dest', help='Output .zip archive or directory', metavar='PATH', type=str, required=True)
+@click.option('--max-images', help='Use at most this many source images', metavar='INT', type=click.IntRange(min=1))
+def encode(model_url, source, dest, max_images):
+    """Encode an image dataset into VAE latents (mean and std, float32 NPY)."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    vae = StabilityVAEEncoder(vae_name=model_url, batch_size=1)
+    vae.init(device)
+    names, load_image, labels = open_source(source)
+    names = names[:max_images]
+    if len(names) == 0:
+        raise click.ClickException(f'--source {source} contains no images')
+    labels = labels or {}
+    entries = []
+    with DatasetWriter(dest) as writer:
+        for idx, name in enumerate(tqdm(names, desc='encode', unit='img')):
+            pixels = np.asarray(load_rgb(load_image, name, source))
+            pixels = torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0).to(device)
+            latents = vae.encode_pixels(pixels)[0].cpu().numpy()
+            data = io.BytesIO()
+            np.save(data, latents)
+            out_name = archive_name(idx, 'img-mean-std-', 'npy')
+            writer.write(out_name, data.getvalue())
+            entries.append([out_name, labels.get(name)])
+        writer.write('dataset.json', labels_json(entries))
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    cli()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,242 @@
+import io
+import json
+import os
+import pickle
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from training.dataset import ImageFolderDataset
+
+#----------------------------------------------------------------------------
+# Datasets written directly with PIL/numpy, independent of dataset_tool.py.
+
+def random_images(count, size=8, channels=3, seed=0):
+    shape = [count, size, size, channels] if channels > 1 else [count, size, size]
+    return np.random.RandomState(seed).randint(0, 256, size=shape, dtype=np.uint8)
+
+def png_bytes(array):
+    buf = io.BytesIO()
+    PIL.Image.fromarray(array).save(buf, format='png')
+    return buf.getvalue()
+
+def write_dataset(root, files, labels=None, as_zip=False):
+    """files: {archive name: bytes}. labels: list of [name, label] or None (no dataset.json)."""
+    entries = dict(files)
+    if labels is not None:
+        entries['dataset.json'] = json.dumps({'labels': labels}).encode()
+    if as_zip:
+        path = str(root) + '.zip'
+        with zipfile.ZipFile(path, 'w') as archive:
+            for name, data in entries.items():
+                archive.writestr(name, data)
+        return path
+    for name, data in entries.items():
+        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
+        with open(os.path.join(root, name), 'wb') as f:
+            f.write(data)
+    return str(root)
+
+def image_set(images, classes=None):
+    names = [f'{idx // 3:05d}/img{idx:08d}.png' for idx in range(len(images))]
+    files = {name: png_bytes(image) for name, image in zip(names, images)}
+    labels = None if classes is None else [[name, int(c)] for name, c in zip(names, classes)]
+    return files, labels
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.parametrize('as_zip', [False, True])
+def test_images_labels_and_properties(tmp_path, as_zip):
+    images = random_images(7)
+    classes = [2, 0, 4, 1, 2, 0, 3]
+    files, labels = image_set(images, classes)
+    path = write_dataset(tmp_path / 'mydata', files, labels, as_zip=as_zip)
+    ds = ImageFolderDataset(path, resolution=8, use_labels=True)
+
+    assert ds.name == 'mydata'
+    assert len(ds) == 7
+    assert ds.image_shape == [3, 8, 8] and ds.num_channels == 3 and ds.resolution == 8
+    assert ds.label_shape == [5] and ds.label_dim == 5
+    assert ds.has_labels and ds.has_onehot_labels
+    for idx in range(7):
+        image, label = ds[idx]
+        assert image.dtype == np.uint8 and image.shape == (3, 8, 8)
+        np.testing.assert_array_equal(image, images[idx].transpose(2, 0, 1))
+        assert label.dtype == np.float32 and label.tolist() == np.eye(5)[classes[idx]].tolist()
+        details = ds.get_details(idx)
+        assert details.raw_idx == idx and details.xflip is False and int(details.raw_label) == classes[idx]
+
+def test_labels_ignored_unless_requested(tmp_path):
+    files, labels = image_set(random_images(4), [0, 1, 2, 3])
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels))
+    assert ds.label_dim == 0 and not ds.has_labels
+    assert ds[2][1].shape == (0,)
+
+def test_without_dataset_json_or_null_labels(tmp_path):
+    files, _ = image_set(random_images(3))
+    for name, labels in [('nojson', None), ('nulllabels', 'null')]:
+        path = write_dataset(tmp_path / name, files)
+        if labels == 'null':
+            with open(os.path.join(path, 'dataset.json'), 'w') as f:
+                f.write('{"labels": null}')
+        ds = ImageFolderDataset(path, use_labels=True)
+        assert ds.label_shape == [0] and not ds.has_labels
+        assert ds[0][1].shape == (0,)
+
+def test_vector_labels_are_used_as_given(tmp_path):
+    files, _ = image_set(random_images(3))
+    vectors = [[0.5, -1.0], [2.0, 0.25], [0.0, 3.0]]
+    labels = [[name, vec] for name, vec in zip(sorted(files), vectors)]
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels), use_labels=True)
+    assert ds.label_shape == [2] and not ds.has_onehot_labels
+    np.testing.assert_array_equal(ds[1][1], np.float32(vectors[1]))
+
+def test_files_sorted_by_path_and_other_files_ignored(tmp_path):
+    images = random_images(3)
+    files = {'b/z.png': png_bytes(images[0]), 'a.png': png_bytes(images[1]), 'b/a.png': png_bytes(images[2]), 'notes.txt': b'hello'}
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files))
+    assert len(ds) == 3
+    for idx, source in enumerate([1, 2, 0]): # a.png, b/a.png, b/z.png
+        np.testing.assert_array_equal(ds[idx][0], images[source].transpose(2, 0, 1))
+
+def test_grayscale_png_has_one_channel(tmp_path):
+    images = random_images(2, channels=1)
+    files, _ = image_set(images)
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files))
+    assert ds.num_channels == 1
+    np.testing.assert_array_equal(ds[1][0][0], images[1])
+
+def test_npy_latents(tmp_path):
+    latents = np.random.RandomState(1).randn(3, 8, 4, 4).astype(np.float32)
+    files = {}
+    for idx, array in enumerate(latents):
+        buf = io.BytesIO()
+        np.save(buf, array)
+        files[f'00000/img-mean-std-{idx:08d}.npy'] = buf.getvalue()
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'latents', files, as_zip=True), resolution=4)
+    assert ds.image_shape == [8, 4, 4] and ds.resolution == 4
+    image, _ = ds[2]
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image, latents[2])
+
+def test_xflip_doubles_and_mirrors(tmp_path):
+    images = random_images(3)
+    files, labels = image_set(images, [0, 1, 2])
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels), use_labels=True, xflip=True)
+    assert len(ds) == 6
+    for idx in range(3):
+        plain, plain_label = ds[idx]
+        mirrored, mirrored_label = ds[idx + 3]
+        np.testing.assert_array_equal(plain, images[idx].transpose(2, 0, 1))
+        np.testing.assert_array_equal(mirrored, images[idx][:, ::-1].transpose(2, 0, 1))
+        np.testing.assert_array_equal(plain_label, mirrored_label)
+        assert ds.get_details(idx + 3).xflip is True
+
+def test_max_size_picks_a_seeded_sorted_subset(tmp_path):
+    images = random_images(20, size=4)
+    files, _ = image_set(images)
+    path = write_dataset(tmp_path / 'd', files)
+    picks = {}
+    for seed in [0, 1]:
+        ds = ImageFolderDataset(path, max_size=6, random_seed=seed)
+        assert len(ds) == 6
+        raw = [ds.get_details(idx).raw_idx for idx in range(6)]
+        assert raw == sorted(set(raw))
+        for idx, raw_idx in enumerate(raw):
+            np.testing.assert_array_equal(ds[idx][0], images[raw_idx].transpose(2, 0, 1))
+        picks[seed] = raw
+    assert picks[0] != picks[1]
+    assert [ImageFolderDataset(path, max_size=6).get_details(i).raw_idx for i in range(6)] == picks[0]
+    assert len(ImageFolderDataset(path, max_size=50)) == 20
+    assert len(ImageFolderDataset(path, max_size=6, xflip=True)) == 12
+
+def test_cache_keeps_decoded_images(tmp_path):
+    images = random_images(3)
+    files, _ = image_set(images)
+    path = write_dataset(tmp_path / 'd', files)
+    ds = ImageFolderDataset(path, cache=True)
+    first = ds[1][0]
+    for name in sorted(files)[1:]:
+        os.remove(os.path.join(path, name))
+    np.testing.assert_array_equal(ds[1][0], first) # served from memory, not from the deleted file
+    with pytest.raises(ValueError, match='img00000002.png'):
+        ds[2]
+
+def test_pickle_drops_zip_handle(tmp_path):
+    images = random_images(3)
+    files, labels = image_set(images, [1, 0, 1])
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels, as_zip=True), use_labels=True)
+    ds[0]
+    clone = pickle.loads(pickle.dumps(ds))
+    np.testing.assert_array_equal(clone[2][0], images[2].transpose(2, 0, 1))
+    np.testing.assert_array_equal(clone[2][1], [0, 1])
+
+#----------------------------------------------------------------------------
+# Bad inputs.
+
+def test_missing_path(tmp_path):
+    missing = str(tmp_path / 'nowhere.zip')
+    with pytest.raises(FileNotFoundError, match='nowhere.zip'):
+        ImageFolderDataset(missing)
+
+def test_path_that_is_not_a_dataset(tmp_path):
+    path = tmp_path / 'data.txt'
+    path.write_text('hello')
+    with pytest.raises(ValueError, match='data.txt'):
+        ImageFolderDataset(str(path))
+    broken_zip = tmp_path / 'broken.zip'
+    broken_zip.write_bytes(b'not a zip archive')
+    with pytest.raises(ValueError, match='broken.zip'):
+        ImageFolderDataset(str(broken_zip))
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match='no PNG/NPY'):
+        ImageFolderDataset(str(tmp_path / 'empty'))
+
+def test_dataset_json_names_a_missing_file(tmp_path):
+    files, labels = image_set(random_images(3), [0, 1, 2])
+    labels.append(['00005/img00000099.png', 1])
+    path = write_dataset(tmp_path / 'd', files, labels, as_zip=True)
+    with pytest.raises(ValueError, match='img00000099.png'):
+        ImageFolderDataset(path, use_labels=True)
+    assert len(ImageFolderDataset(path, use_labels=False)) == 3
+
+def test_image_without_label(tmp_path):
+    files, labels = image_set(random_images(3), [0, 1, 2])
+    del labels[1]
+    with pytest.raises(ValueError, match='img00000001.png'):
+        ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels), use_labels=True)
+
+def test_malformed_dataset_json(tmp_path):
+    files, _ = image_set(random_images(2))
+    files['dataset.json'] = b'{"labels": [1, 2'
+    with pytest.raises(ValueError, match='dataset.json'):
+        ImageFolderDataset(write_dataset(tmp_path / 'd', files), use_labels=True)
+
+@pytest.mark.parametrize('as_zip', [False, True])
+def test_corrupt_png_is_named(tmp_path, as_zip):
+    files, _ = image_set(random_images(3))
+    bad_name = sorted(files)[2]
+    files[bad_name] = files[bad_name][:40] # truncated PNG
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, as_zip=as_zip))
+    ds[1]
+    with pytest.raises(ValueError, match=bad_name):
+        ds[2]
+    files[sorted(files)[0]] = b'garbage'
+    with pytest.raises(ValueError, match=sorted(files)[0]):
+        ImageFolderDataset(write_dataset(tmp_path / 'e', files, as_zip=as_zip))
+
+def test_mixed_resolutions_are_named(tmp_path):
+    files, _ = image_set(random_images(3))
+    files['00000/img00000001.png'] = png_bytes(random_images(1, size=16)[0])
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files))
+    with pytest.raises(ValueError, match='img00000001.png'):
+        ds[1]
+
+def test_resolution_mismatch(tmp_path):
+    files, _ = image_set(random_images(2))
+    with pytest.raises(ValueError, match='resolution=16'):
+        ImageFolderDataset(write_dataset(tmp_path / 'd', files), resolution=16)
+
+#----------------------------------------------------------------------------

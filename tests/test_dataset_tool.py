@@ -1,0 +1,223 @@
+import io
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dataset_tool
+from training.dataset import ImageFolderDataset
+from training.encoders import StabilityVAEEncoder
+
+#----------------------------------------------------------------------------
+
+def run_tool(repo_root, env, *args):
+    return subprocess.run([sys.executable, os.path.join(repo_root, 'dataset_tool.py'), *args],
+        env=env, capture_output=True, text=True, timeout=300)
+
+def run_in_process(*args):
+    return CliRunner().invoke(dataset_tool.cli, list(args))
+
+def save_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    PIL.Image.fromarray(array).save(path)
+
+def random_rgb(count, width=8, height=8, seed=0):
+    return np.random.RandomState(seed).randint(0, 256, size=[count, height, width, 3], dtype=np.uint8)
+
+#----------------------------------------------------------------------------
+# Round trips through real subprocesses.
+
+def test_zip_round_trip_with_labels(tmp_path, repo_root, subprocess_env):
+    images = random_rgb(5)
+    names = ['b/x.png', 'a/2.png', 'a/10.png', 'c.png', 'b/y.jpg.png']
+    classes = [3, 0, 1, 2, 1]
+    for name, image in zip(names, images):
+        save_png(str(tmp_path / 'src' / name), image)
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps({'labels': [[n, c] for n, c in zip(names, classes)]}))
+    dest = str(tmp_path / 'out' / 'set.zip')
+
+    result = run_tool(repo_root, subprocess_env, 'convert', f'--source={tmp_path / "src"}', f'--dest={dest}')
+    assert result.returncode == 0, result.stderr
+
+    with zipfile.ZipFile(dest) as archive:
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in archive.infolist())
+        assert archive.namelist()[-1] == 'dataset.json'
+        assert sorted(archive.namelist()[:-1]) == [f'00000/img{idx:08d}.png' for idx in range(5)]
+    ds = ImageFolderDataset(dest, use_labels=True)
+    assert len(ds) == 5 and ds.resolution == 8 and ds.num_channels == 3 and ds.label_dim == 4
+    order = sorted(range(5), key=lambda idx: names[idx]) # sources are read in sorted path order
+    for out_idx, src_idx in enumerate(order):
+        image, label = ds[out_idx]
+        np.testing.assert_array_equal(image, images[src_idx].transpose(2, 0, 1))
+        assert int(np.argmax(label)) == classes[src_idx] and label.sum() == 1
+
+def test_sklearn_digits(tmp_path, repo_root, subprocess_env):
+    from sklearn.datasets import load_digits
+    dest = str(tmp_path / 'digits.zip')
+    result = run_tool(repo_root, subprocess_env, 'convert', '--source=sklearn-digits', f'--dest={dest}', '--resolution=16x16')
+    assert result.returncode == 0, result.stderr
+
+    digits = load_digits()
+    ds = ImageFolderDataset(dest, use_labels=True, resolution=16)
+    assert len(ds) == 1797
+    assert ds.image_shape == [3, 16, 16] and ds.label_dim == 10
+    with zipfile.ZipFile(dest) as archive:
+        labels = json.loads(archive.read('dataset.json'))['labels']
+    assert [label for _name, label in labels] == digits.target.tolist()
+    assert sorted(set(digits.target.tolist())) == list(range(10))
+    for idx in [0, 5, 1796]:
+        image, label = ds[idx]
+        assert int(np.argmax(label)) == digits.target[idx]
+        assert np.array_equal(image[0], image[1]) and np.array_equal(image[0], image[2])
+        # Averaging 2x2 blocks recovers the 8x8 digit up to interpolation blur.
+        pooled = image[0].astype(np.float64).reshape(8, 2, 8, 2).mean(axis=(1, 3))
+        assert np.corrcoef(pooled.ravel(), digits.images[idx].ravel())[0, 1] > 0.9
+
+def test_refuses_multiple_processes(tmp_path, repo_root, subprocess_env):
+    env = dict(subprocess_env, WORLD_SIZE='2')
+    result = run_tool(repo_root, env, 'convert', '--source=sklearn-digits', f'--dest={tmp_path / "d.zip"}')
+    assert result.returncode != 0 and 'WORLD_SIZE' in result.stderr
+    assert not os.path.exists(tmp_path / 'd.zip')
+
+#----------------------------------------------------------------------------
+# Conversion options, run in-process through click.
+
+def test_folder_dest_dir_labels_and_max_images(tmp_path):
+    images = random_rgb(6)
+    for idx, image in enumerate(images):
+        save_png(str(tmp_path / 'src' / ['cats', 'dogs'][idx % 2] / f'{idx}.png'), image)
+    dest = str(tmp_path / 'out')
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}', '--max-images=4')
+    assert result.exit_code == 0, result.output
+    ds = ImageFolderDataset(dest, use_labels=True)
+    assert len(ds) == 4 # sorted: cats/0, cats/2, cats/4, dogs/1
+    assert [int(np.argmax(ds[idx][1])) for idx in range(4)] == [0, 0, 0, 1]
+    np.testing.assert_array_equal(ds[3][0], images[1].transpose(2, 0, 1))
+
+def test_unlabelled_source_writes_null_labels(tmp_path):
+    for idx, image in enumerate(random_rgb(2)):
+        save_png(str(tmp_path / 'src' / f'{idx}.png'), image)
+    dest = str(tmp_path / 'out.zip')
+    assert run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}').exit_code == 0
+    with zipfile.ZipFile(dest) as archive:
+        assert json.loads(archive.read('dataset.json')) == {'labels': None}
+
+def test_zip_source_and_resize(tmp_path):
+    source = str(tmp_path / 'src.zip')
+    with zipfile.ZipFile(source, 'w') as archive:
+        for idx, image in enumerate(random_rgb(3, width=12, height=12)):
+            data = io.BytesIO()
+            PIL.Image.fromarray(image).save(data, format='png')
+            archive.writestr(f'img{idx}.png', data.getvalue())
+        archive.writestr('dataset.json', json.dumps({'labels': [[f'img{idx}.png', idx] for idx in range(3)]}))
+    dest = str(tmp_path / 'out.zip')
+    result = run_in_process('convert', f'--source={source}', f'--dest={dest}', '--resolution=4,4')
+    assert result.exit_code == 0, result.output
+    ds = ImageFolderDataset(dest, use_labels=True)
+    assert ds.image_shape == [3, 4, 4] and ds.label_dim == 3
+
+def test_center_crop_keeps_the_middle(tmp_path):
+    image = np.zeros([8, 12, 3], dtype=np.uint8)
+    image[:, :2] = [255, 0, 0]
+    image[:, 2:10] = [0, 255, 0]
+    image[:, 10:] = [0, 0, 255]
+    save_png(str(tmp_path / 'src' / 'wide.png'), image)
+    dest = str(tmp_path / 'out.zip')
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}', '--transform=center-crop', '--resolution=8x8')
+    assert result.exit_code == 0, result.output
+    out, _ = ImageFolderDataset(dest)[0]
+    np.testing.assert_array_equal(out.transpose(1, 2, 0), image[:, 2:10])
+
+def test_center_crop_wide_letterboxes(tmp_path):
+    save_png(str(tmp_path / 'src' / 'a.png'), np.full([8, 16, 3], 200, dtype=np.uint8))
+    save_png(str(tmp_path / 'src' / 'b_too_small.png'), np.full([4, 6, 3], 200, dtype=np.uint8))
+    dest = str(tmp_path / 'out')
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}', '--transform=center-crop-wide', '--resolution=8x4')
+    assert result.exit_code == 0, result.output
+    ds = ImageFolderDataset(dest)
+    assert len(ds) == 1 # the image narrower than 8 pixels is skipped
+    out, _ = ds[0]
+    assert out.shape == (3, 8, 8)
+    assert (out[:, :2] == 0).all() and (out[:, 6:] == 0).all() and (out[:, 2:6] == 200).all()
+
+def test_center_crop_dhariwal(tmp_path):
+    image = np.random.RandomState(0).randint(0, 256, size=[20, 40, 3], dtype=np.uint8)
+    save_png(str(tmp_path / 'src' / 'a.png'), image)
+    dest = str(tmp_path / 'out.zip')
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}', '--transform=center-crop-dhariwal', '--resolution=8x8')
+    assert result.exit_code == 0, result.output
+    assert ImageFolderDataset(dest).image_shape == [3, 8, 8]
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "x.zip"}', '--transform=center-crop-dhariwal', '--resolution=8x4')
+    assert result.exit_code != 0 and 'square' in result.output
+
+#----------------------------------------------------------------------------
+# Bad inputs.
+
+def test_missing_source(tmp_path):
+    result = run_in_process('convert', f'--source={tmp_path / "nothing"}', f'--dest={tmp_path / "d.zip"}')
+    assert result.exit_code != 0 and 'nothing' in result.output
+
+def test_corrupt_image_is_named(tmp_path):
+    save_png(str(tmp_path / 'src' / 'good.png'), random_rgb(1)[0])
+    (tmp_path / 'src' / 'bad.png').write_bytes(b'\x89PNG not really')
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "d.zip"}')
+    assert result.exit_code != 0 and 'bad.png' in result.output
+
+def test_mixed_sizes_are_named(tmp_path):
+    save_png(str(tmp_path / 'src' / 'a.png'), random_rgb(1)[0])
+    save_png(str(tmp_path / 'src' / 'b.png'), random_rgb(1, width=16, height=16)[0])
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "d.zip"}')
+    assert result.exit_code != 0 and 'b.png' in result.output
+    save_png(str(tmp_path / 'odd' / 'a.png'), random_rgb(1, width=6, height=6)[0])
+    result = run_in_process('convert', f'--source={tmp_path / "odd"}', f'--dest={tmp_path / "e.zip"}')
+    assert result.exit_code != 0 and 'power-of-two' in result.output
+
+def test_bad_options(tmp_path):
+    (tmp_path / 'busy').mkdir()
+    (tmp_path / 'busy' / 'file.txt').write_text('x')
+    result = run_in_process('convert', '--source=sklearn-digits', f'--dest={tmp_path / "busy"}')
+    assert result.exit_code != 0 and 'busy' in result.output
+    result = run_in_process('convert', '--source=sklearn-digits', f'--dest={tmp_path / "d.zip"}', '--resolution=16by16')
+    assert result.exit_code != 0 and '16by16' in result.output
+    result = run_in_process('convert', '--source=sklearn-digits', f'--dest={tmp_path / "d.zip"}', '--transform=center-crop')
+    assert result.exit_code != 0 and '--resolution' in result.output
+
+#----------------------------------------------------------------------------
+# VAE encoding with a tiny random AutoencoderKL saved to a local directory.
+
+@pytest.mark.slow
+def test_encode_with_local_vae(tmp_path, repo_root, subprocess_env):
+    diffusers = pytest.importorskip('diffusers')
+    torch.manual_seed(0)
+    vae = diffusers.models.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+        norm_num_groups=4, sample_size=16, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4)
+    vae_dir = str(tmp_path / 'vae')
+    vae.save_pretrained(vae_dir)
+
+    images = random_rgb(3, width=16, height=16)
+    for idx, image in enumerate(images):
+        save_png(str(tmp_path / 'src' / f'{idx}.png'), image)
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps({'labels': [[f'{idx}.png', 2 - idx] for idx in range(3)]}))
+    dest = str(tmp_path / 'latents.zip')
+    result = run_tool(repo_root, subprocess_env, 'encode', f'--model-url={vae_dir}', f'--source={tmp_path / "src"}', f'--dest={dest}', '--max-images=2')
+    assert result.returncode == 0, result.stderr
+
+    with zipfile.ZipFile(dest) as archive:
+        assert sorted(archive.namelist()) == ['00000/img-mean-std-00000000.npy', '00000/img-mean-std-00000001.npy', 'dataset.json']
+    ds = ImageFolderDataset(dest, use_labels=True)
+    assert len(ds) == 2 and ds.image_shape == [8, 2, 2] and ds.resolution == 2
+    expected = StabilityVAEEncoder(vae_name=vae_dir).encode_pixels(torch.from_numpy(images[:2]).permute(0, 3, 1, 2))
+    for idx in range(2):
+        latents, label = ds[idx]
+        assert latents.dtype == np.float32
+        np.testing.assert_allclose(latents, expected[idx].numpy(), rtol=1e-5, atol=1e-5)
+        assert int(np.argmax(label)) == 2 - idx
+
+#----------------------------------------------------------------------------
