@@ -1,0 +1,358 @@
+"""Tests for training/loss_cd.py: parity with the EDM reference, synchronised dropout, pickling, resume."""
+
+import copy
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from torch_utils import distributed as dist
+from torch_utils import training_stats
+from training import consistency_ops
+from training.loss_cd import (EDMConsistencyDistillLoss, LOSS_WEIGHTS, device_rng_state, loss_weight,
+    synchronised_student_pass)
+from training.networks_edm2 import Precond, suppress_inplace_weight_norm
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+
+#----------------------------------------------------------------------------
+# The analytic networks of the parity fixtures, float32 and evaluated left to right as specified.
+
+class AnalyticTeacher(torch.nn.Module):
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    @staticmethod
+    def _inputs(x, sigma):
+        return x.to(torch.float32), torch.as_tensor(sigma).to(torch.float32).reshape(-1, 1, 1, 1)
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        x, s = self._inputs(x, sigma)
+        return x * 0.25 / (s * s + 0.25) + 0.1 * torch.tanh(x) * s / (s + 1)
+
+
+class AnalyticStudent(AnalyticTeacher):
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        x, s = self._inputs(x, sigma)
+        return x * 0.25 / (s * s + 0.25) + 0.2 * torch.sin(1.5 * x) * s / (s * s + 1) - 0.03 * s / (s + 1)
+
+
+@pytest.fixture(scope='module', autouse=True)
+def single_thread():
+    # The tiny networks run far faster on one thread than with oversubscribed cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def ref():
+    with np.load(os.path.join(FIXTURES, 'loss.npz')) as data:
+        return {key: data[key] for key in data.files}
+
+
+def fixture_edges(ref):
+    return {key[len('edge__'):]: torch.from_numpy(value) for key, value in ref.items() if key.startswith('edge__')}
+
+
+def parity_loss(ref, **kwargs):
+    T = int(ref['T_target'])
+    return EDMConsistencyDistillLoss(AnalyticTeacher(), S=int(ref['S']), T_start=T, T_end=T, report_stats=False, **kwargs)
+
+
+def tiny_precond(seed, dropout=0.0, label_dim=0):
+    torch.manual_seed(seed)
+    net = Precond(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_channels=16,
+        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], logvar_channels=8, dropout=dropout)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith('_gain'):
+                param.fill_(1)  # fresh gains are 0, which would switch the U-Net (and its dropout) off
+    return net
+
+
+def weight_versions(net):
+    # The logvar head is not evaluated by CD, so only the U-Net's weights are rewritten by a forward.
+    return {name: param._version for name, param in net.unet.named_parameters() if name.endswith('weight')}
+
+#----------------------------------------------------------------------------
+# Parity with the reference (shared/parity/loss.npz).
+
+@pytest.mark.parametrize('sync_dropout', [True, False])
+@pytest.mark.parametrize('terminal_teacher_hop', [False, True])
+@pytest.mark.parametrize('loss_type', ['huber', 'l2', 'l2_root', 'pseudo_huber'])
+def test_loss_from_edges_matches_reference(ref, loss_type, terminal_teacher_hop, sync_dropout):
+    atol = dict(huber=1e-9, l2=1e-6, l2_root=1e-5, pseudo_huber=1e-5)[loss_type]
+    y, eps = torch.from_numpy(ref['y']), torch.from_numpy(ref['eps'])
+    for weight_mode in ['edm', 'sqrt_karras', 'flat', 'karras', 'snr']:
+        loss_fn = parity_loss(ref, loss_type=loss_type, weight_mode=weight_mode, sync_dropout=sync_dropout,
+            terminal_teacher_hop=terminal_teacher_hop)
+        loss = loss_fn.loss_from_edges(AnalyticStudent().eval(), y, None, fixture_edges(ref), eps)
+        expected = ref[f'loss__tth{int(terminal_teacher_hop)}__{loss_type}__{weight_mode}']
+        assert loss.dtype == torch.float32 and loss.shape == expected.shape
+        weight = ref[f'weight__{weight_mode}'].reshape(-1, 1, 1, 1)
+        np.testing.assert_allclose(loss.numpy() / weight, expected / weight, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize('weight_mode', sorted(LOSS_WEIGHTS))
+def test_loss_weights_match_reference(ref, weight_mode):
+    weight = loss_weight(torch.from_numpy(ref['edge__sigma_t']), weight_mode, sigma_data=0.5)
+    assert weight.dtype == torch.float32 and weight.shape == (12, 1, 1, 1)
+    np.testing.assert_allclose(weight.flatten().numpy(), ref[f'weight__{weight_mode}'], rtol=1e-6)
+
+
+def test_parity_loss_counts_and_reports_edge_classes(ref):
+    loss_fn = parity_loss(ref)
+    loss_fn.report_stats = True
+    collector = training_stats.Collector(regex='CD/.*')
+    collector.update()
+    loss_fn.loss_from_edges(AnalyticStudent(), torch.from_numpy(ref['y']), None, fixture_edges(ref),
+        torch.from_numpy(ref['eps']))
+    collector.update()
+    assert dict(loss_fn.edge_counts) == dict(terminal=2, boundary=4, general=6, total=12)
+    assert collector.mean('CD/frac_terminal') == pytest.approx(2 / 12)
+    assert collector.mean('CD/frac_general') == pytest.approx(6 / 12)
+    assert collector.mean('CD/sigma_t') == pytest.approx(ref['edge__sigma_t'].mean(), rel=1e-6)
+    assert collector.mean('CD/sigma_s') == pytest.approx(ref['sigma_s_eff'].mean(), rel=1e-6)
+    assert collector.mean('CD/gain_mean') == pytest.approx(ref['gain'].mean(), rel=1e-5)
+    assert collector.num('CD/gain_boundary_mean') == 4
+    assert collector.mean('CD/gain_terminal_mean') == pytest.approx(1.0)
+
+
+def test_degenerate_sigma_pair_is_reported_with_its_sigmas(ref):
+    edges = fixture_edges(ref)
+    # Row 1 is a boundary snap: put sigma_t onto its boundary, where the inverse DDIM step is undefined.
+    edges['sigma_t'] = edges['sigma_t'].clone()
+    edges['sigma_t'][1] = edges['sigma_bdry'][1]
+    with pytest.raises(ValueError, match=r'degenerate.*sample 1 .*sigma_t=' + repr(float(edges['sigma_bdry'][1]))):
+        parity_loss(ref).loss_from_edges(AnalyticStudent(), torch.from_numpy(ref['y']), None, edges,
+            torch.from_numpy(ref['eps']))
+
+
+def test_broken_sigma_ordering_is_rejected(ref):
+    edges = fixture_edges(ref)
+    edges['sigma_s'] = edges['sigma_s'].clone()
+    edges['sigma_s'][4] = edges['sigma_t'][4] * 2  # a general edge that goes up in sigma
+    with pytest.raises(ValueError, match=r'ordering.*sample 4 \(general edge, segment j=2'):
+        parity_loss(ref).loss_from_edges(AnalyticStudent(), torch.from_numpy(ref['y']), None, edges,
+            torch.from_numpy(ref['eps']))
+
+#----------------------------------------------------------------------------
+# Synchronised dropout and the in-place weight normalisation of EDM2 networks.
+
+def test_replayed_pass_reproduces_student_dropout_without_touching_weights():
+    student = tiny_precond(seed=1, dropout=0.1).train()
+    x, sigma = torch.randn(6, 3, 8, 8), torch.tensor([0.05, 0.3, 1.0, 2.0, 7.0, 40.0], dtype=torch.float64)
+    state = device_rng_state(x.device)
+    prediction = student(x, sigma.reshape(-1, 1, 1, 1))
+    weights = {name: param.detach().clone() for name, param in student.named_parameters()}
+    versions = weight_versions(student)
+
+    replayed = synchronised_student_pass(student, x, sigma, None, x.device, state)
+    assert torch.equal(replayed, prediction.detach())
+    with torch.no_grad():
+        fresh_masks = synchronised_student_pass(student, x, sigma, None, x.device, device_rng_state(x.device))
+    assert not torch.equal(fresh_masks, prediction.detach())  # so dropout is really active here
+    assert weight_versions(student) == versions
+    assert all(torch.equal(param, weights[name]) for name, param in student.named_parameters())
+
+    prediction.square().sum().backward()  # fails if a pass in between rewrote saved weights in place
+    assert student.unet.out_conv.weight.grad.abs().sum() > 0
+
+
+def test_sync_dropout_target_uses_the_student_pass_masks():
+    teacher, student = tiny_precond(seed=2), tiny_precond(seed=3, dropout=0.1).train()
+    S, T = 4, 16
+    loss_fn = EDMConsistencyDistillLoss(teacher, S=S, T_start=T, T_end=T, report_stats=False)
+    grids = loss_fn.grids(T)
+    k_all = torch.arange(grids.T_eff)
+    j_all = torch.searchsorted(grids.bounds[:, 0].contiguous(), k_all, right=True) - 1
+    k_t = k_all[grids.bounds[j_all, 1] > k_all][:6]  # edges that are not the last of their segment
+    step_j = j_all[k_t]
+    edges = dict(k_t=k_t, k_s=k_t + 1, step_j=step_j, n_rel=grids.bounds[step_j, 1] - k_t + 1,
+        sigma_t=grids.teacher[k_t], sigma_s=grids.teacher[k_t + 1], sigma_bdry=grids.student[step_j + 1],
+        is_terminal=torch.zeros(6, dtype=torch.bool), is_boundary_snap=torch.zeros(6, dtype=torch.bool))
+    assert len(k_t) == 6 and (edges['n_rel'] >= 2).all()
+    images, noise = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+
+    # Expected, spelled out: same seed for the student's pass and for the target pass at (x_s, sigma_s).
+    manual = copy.deepcopy(student)
+    sigma_t, sigma_s, sigma_bdry = edges['sigma_t'], edges['sigma_s'], edges['sigma_bdry']
+    x_t = images.double() + sigma_t.reshape(-1, 1, 1, 1) * noise.double()
+    x_s = consistency_ops.heun_hop_edm(teacher, x_t, sigma_t, sigma_s)
+    torch.manual_seed(5)
+    x_hat_t = manual(x_t.float(), sigma_t.reshape(-1, 1, 1, 1))
+    torch.manual_seed(5)
+    with torch.no_grad(), suppress_inplace_weight_norm(manual):
+        h = manual(x_s.float(), sigma_s.reshape(-1, 1, 1, 1)).double()
+    x_r = h + (sigma_bdry / sigma_s).reshape(-1, 1, 1, 1) * (x_s - h)
+    target = consistency_ops.inv_ddim_edm(x_r, x_t, sigma_t, sigma_bdry).float()
+    c_out = sigma_t.float() * 0.5 / (sigma_t.float() ** 2 + 0.25).sqrt()
+    expected = ((x_hat_t - target).square().sum(dim=[1, 2, 3]) + 1e-8).sqrt() - 1e-4
+    expected = expected / c_out
+
+    torch.manual_seed(5)
+    synced = loss_fn.loss_from_edges(student, images, None, edges, noise)
+    torch.testing.assert_close(synced.flatten(), expected.detach(), rtol=1e-5, atol=1e-6)
+    loss_fn.sync_dropout = False
+    torch.manual_seed(5)
+    unsynced = loss_fn.loss_from_edges(student, images, None, edges, noise)
+    assert not torch.allclose(unsynced, synced, rtol=1e-3)
+
+
+def test_loss_call_rewrites_student_weights_once_and_backward_works():
+    teacher, student = tiny_precond(seed=4), tiny_precond(seed=5, dropout=0.1).train()
+    loss_fn = EDMConsistencyDistillLoss(teacher, S=4, T_start=8, T_end=8, report_stats=False)
+    versions = weight_versions(student)
+    torch.manual_seed(0)
+    loss = loss_fn(student, torch.randn(8, 3, 8, 8))
+    # Only the student's own forward applies the forced weight normalisation (one in-place write).
+    assert weight_versions(student) == {name: version + 1 for name, version in versions.items()}
+    loss.sum().backward()
+    assert student.unet.enc['8x8_conv'].weight.grad.abs().sum() > 0
+
+#----------------------------------------------------------------------------
+# End to end, pickling, annealing, checkpoints.
+
+@pytest.mark.parametrize('loss_type, shape', [('pseudo_huber', (5, 1, 1, 1)), ('huber', (5, 3, 8, 8))])
+def test_call_end_to_end_on_tiny_networks(loss_type, shape):
+    teacher, student = tiny_precond(seed=6, label_dim=2), tiny_precond(seed=7, label_dim=2).train()
+    teacher_before = copy.deepcopy(teacher.state_dict())
+    loss_fn = EDMConsistencyDistillLoss(teacher, S=4, T_start=8, T_end=32, T_anneal_kimg=1, loss_type=loss_type)
+    labels = torch.eye(2)[torch.tensor([0, 1, 1, 0, 1])]
+    torch.manual_seed(0)
+    loss = loss_fn(net=student, images=torch.randn(5, 3, 8, 8), labels=labels)
+    assert loss.shape == shape and loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.sum().backward()
+    grads = [param.grad for name, param in student.named_parameters() if not name.startswith('logvar')]
+    assert all(grad is not None and torch.isfinite(grad).all() for grad in grads)
+    assert student.unet.emb_label.weight.grad.abs().sum() > 0
+    assert not teacher.training and all(not param.requires_grad and param.grad is None for param in teacher.parameters())
+    assert all(torch.equal(value, teacher_before[name]) for name, value in teacher.state_dict().items())
+    assert loss_fn.edge_counts.total == 5
+
+
+def test_pickle_drops_teacher_and_reattached_loss_matches(ref):
+    loss_fn = parity_loss(ref)
+    y, eps, edges = torch.from_numpy(ref['y']), torch.from_numpy(ref['eps']), fixture_edges(ref)
+    before = loss_fn.loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    loss_fn.grids(int(ref['T_target']))
+    assert loss_fn._grid_cache and loss_fn._student_grid is not None  # caches must not travel either
+
+    data = pickle.dumps(loss_fn)
+    assert b'AnalyticTeacher' not in data and b'_modules' not in data
+    restored = pickle.loads(data)
+    assert restored.teacher_net is None and not restored._grid_cache and restored._student_grid is None
+    assert loss_fn.teacher_net is not None and restored.hyperparameters() == loss_fn.hyperparameters()
+    with pytest.raises(RuntimeError, match='attach_teacher'):
+        restored.loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    after = restored.attach_teacher(AnalyticTeacher()).loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    assert torch.equal(after, before)
+
+
+def test_annealed_T_follows_set_global_kimg():
+    T_start, T_end, horizon = 8, 40, 100.0
+    loss_fn = EDMConsistencyDistillLoss(AnalyticTeacher(), S=4, T_start=T_start, T_end=T_end, T_anneal_kimg=horizon)
+    collector = training_stats.Collector(regex='CD/T_.*')
+    for kimg in [-3, 0, 10, 37.5, 50, 99.9, 100, 250]:
+        ratio = min(max(kimg / horizon, 0), 1)
+        expected = min(max(round(T_start * (T_end / T_start) ** ratio), T_start), T_end)
+        loss_fn.set_global_kimg(kimg)
+        assert loss_fn.current_teacher_edges() == expected
+        collector.update()
+        torch.manual_seed(0)
+        loss_fn(AnalyticStudent(), torch.randn(4, 3, 8, 8))
+        collector.update()
+        assert collector.mean('CD/T_target') == expected
+        # When S - 1 = 3 divides T - 1 the interior student nodes are teacher nodes too: one edge more.
+        assert collector.mean('CD/T_edges') == expected + (1 if (expected - 1) % 3 == 0 else 0)
+
+
+def test_checkpoint_restores_progress_and_refuses_other_settings(tmp_path):
+    loss_fn = EDMConsistencyDistillLoss(AnalyticTeacher(), S=4, T_start=8, T_end=16)
+    loss_fn.set_global_kimg(12.5)
+    torch.manual_seed(0)
+    loss_fn(AnalyticStudent(), torch.randn(4, 3, 8, 8))
+    path = str(tmp_path / 'training-state-0000000.pt')
+    dist.CheckpointIO(loss_fn=loss_fn).save(path, verbose=False)
+    assert 'AnalyticTeacher' not in str(torch.load(path, weights_only=False))
+
+    teacher = AnalyticTeacher()
+    resumed = EDMConsistencyDistillLoss(teacher, S=4, T_start=8, T_end=16)
+    dist.CheckpointIO(loss_fn=resumed).load(path, verbose=False)
+    assert resumed.progress_kimg == 12.5 and resumed.edge_counts == loss_fn.edge_counts
+    assert resumed.teacher_net is teacher
+
+    for change in [dict(S=2), dict(loss_type='l2'), dict(T_end=32)]:
+        other = EDMConsistencyDistillLoss(AnalyticTeacher(), **{**dict(S=4, T_start=8, T_end=16), **change})
+        name = next(iter(change))
+        with pytest.raises(ValueError, match=f'{name}: checkpoint'):
+            dist.CheckpointIO(loss_fn=other).load(path, verbose=False)
+        assert other.progress_kimg == 0
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(S=8, T_start=7), 'T_start must be >= S'),
+    (dict(T_start=256, T_end=128), 'T_end must be >= T_start'),
+    (dict(loss_type='l1'), "loss_type must be one of .*'l1'"),
+    (dict(weight_mode='cosine'), "weight_mode must be one of .*'cosine'"),
+    (dict(sampling_mode='lognormal'), "sampling_mode must be one of"),
+    (dict(sigma_min=0), 'sigma_min'),
+])
+def test_invalid_settings_are_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EDMConsistencyDistillLoss(None, **kwargs)
+
+
+def test_terminal_anchor_with_uniform_sampling_warns():
+    with pytest.warns(UserWarning, match='terminal_anchor'):
+        EDMConsistencyDistillLoss(None, sampling_mode='uniform')
+
+#----------------------------------------------------------------------------
+# DDP-wrapped student under torchrun (gloo on CPU).
+
+_DDP_WORKER = r'''
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[2])
+from torch_utils import distributed as dist
+from training.loss_cd import EDMConsistencyDistillLoss
+from test_loss_cd import tiny_precond, weight_versions
+dist.init()
+teacher, student = tiny_precond(seed=0), tiny_precond(seed=1, dropout=0.1).train()
+student.logvar_linear.requires_grad_(False)  # CD never trains the uncertainty head
+ddp = torch.nn.parallel.DistributedDataParallel(student, broadcast_buffers=False, find_unused_parameters=False)
+loss_fn = EDMConsistencyDistillLoss(teacher, S=4, T_start=8, T_end=8, report_stats=False)
+versions = weight_versions(student)
+torch.manual_seed(dist.get_rank())
+loss = loss_fn(ddp, torch.randn(4, 3, 8, 8))
+bumps = sorted({weight_versions(student)[name] - version for name, version in versions.items()})
+loss.sum().backward()
+grad = student.unet.out_conv.weight.grad
+with open(sys.argv[1] + '/rank%d.json' % dist.get_rank(), 'w') as f:
+    json.dump(dict(bumps=bumps, loss=float(loss.sum()), grad=grad.flatten()[:8].tolist()), f)
+'''
+
+
+@pytest.mark.slow
+def test_ddp_wrapped_student(tmp_path, subprocess_env, repo_root):
+    script = tmp_path / 'ddp_worker.py'
+    script.write_text(_DDP_WORKER)
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    proc = subprocess.run(launcher + [str(script), str(tmp_path), os.path.join(repo_root, 'tests')],
+        env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f'rank{rank}.json').read_text()) for rank in range(2)]
+    for result in results:
+        assert result['bumps'] == [1] and math.isfinite(result['loss'])
+    assert results[0]['loss'] != results[1]['loss']  # different data per rank ...
+    np.testing.assert_allclose(results[0]['grad'], results[1]['grad'], rtol=1e-6)  # ... averaged gradients
+
+#----------------------------------------------------------------------------

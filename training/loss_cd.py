@@ -1,0 +1,431 @@
+"""Multistep consistency distillation (MSCD) of an EDM2 teacher into an S-step student.
+
+Each sample draws one teacher edge sigma_t -> sigma_s inside a student segment (s[j], s[j+1]]. The
+teacher's Heun hop and the student's own no-grad DDIM step carry x_t down to the segment boundary
+sigma_bdry = s[j+1]; the target is the prediction at sigma_t whose single DDIM step lands exactly
+there. The student's prediction D(x_t; sigma_t) is the only path for gradients. Section numbers
+refer to docs/MSCD-SPEC.md; the numbers match the parity fixtures of the EDM reference.
+"""
+
+import contextlib
+import warnings
+
+import torch
+
+import dnnlib
+from torch_utils import training_stats
+from training import consistency_ops
+from training.networks_edm2 import suppress_inplace_weight_norm
+
+#----------------------------------------------------------------------------
+# Loss weights lambda(sigma) and per-sample distances (MSCD-SPEC §6).
+
+def _inverse_snr(sigma):
+    return 1 / (sigma ** 2 + 1e-20)
+
+# Several names are aliases (karras = edm, vlike = snr+1, flat = uniform) but each keeps the
+# reference's own float32 expression, so they may differ in the last bit.
+LOSS_WEIGHTS = {
+    'edm':           lambda sigma, sd: (sigma ** 2 + sd ** 2) / (sigma * sd) ** 2,
+    'karras':        lambda sigma, sd: _inverse_snr(sigma) + 1 / sd ** 2,
+    'sqrt_karras':   lambda sigma, sd: (sigma ** 2 + sd ** 2).sqrt() / (sigma * sd),
+    'snr':           lambda sigma, sd: _inverse_snr(sigma),
+    'snr+1':         lambda sigma, sd: _inverse_snr(sigma) + 1,
+    'vlike':         lambda sigma, sd: 1 / sigma ** 2 + 1,
+    'truncated-snr': lambda sigma, sd: _inverse_snr(sigma).clamp(min=1),
+    'flat':          lambda sigma, sd: torch.ones_like(sigma),
+    'uniform':       lambda sigma, sd: torch.ones_like(sigma),
+}
+
+LOSS_TYPES = ('huber', 'l2', 'l2_root', 'pseudo_huber')
+SAMPLING_MODES = ('uniform', 'vp', 'edm')
+
+
+def loss_weight(sigma, weight_mode, sigma_data=0.5):
+    """Float32 weight lambda(sigma) for each sample, shaped [N, 1, 1, 1]."""
+    return LOSS_WEIGHTS[weight_mode](sigma.to(torch.float32).reshape(-1, 1, 1, 1), sigma_data)
+
+
+def consistency_distance(delta, loss_type, huber_delta=1e-4, pseudo_huber_c=1e-4):
+    """Unweighted loss of the error delta: per element for huber/l2, per sample ([N,1,1,1]) otherwise."""
+    if loss_type == 'huber':
+        quadratic = delta.abs().clamp(max=huber_delta)
+        return 0.5 * quadratic ** 2 + (delta.abs() - quadratic) * huber_delta
+    if loss_type == 'l2':
+        return delta ** 2
+    squared_norm = (delta ** 2).sum(dim=[1, 2, 3], keepdim=True)
+    if loss_type == 'l2_root':
+        return squared_norm.clamp(min=1e-12).sqrt()
+    return (squared_norm + pseudo_huber_c ** 2).sqrt() - pseudo_huber_c
+
+#----------------------------------------------------------------------------
+# Student helpers: DDP unwrapping, dropout detection, replaying the device RNG (MSCD-SPEC §8).
+
+_DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
+def _unwrap(net):
+    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+
+
+def _has_active_dropout(net):
+    """True if a training-mode submodule drops activations (torch dropout layers or EDM2 blocks' `dropout`)."""
+    for module in net.modules():
+        if not module.training:
+            continue
+        rate = module.p if isinstance(module, _DROPOUT_LAYERS) else getattr(module, 'dropout', 0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            return True
+    return False
+
+
+def _module_device(net, fallback):
+    first = next(net.parameters(), None)
+    return fallback if first is None else first.device
+
+
+def device_rng_state(device):
+    """State of the default generator that random ops on `device` draw from."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_rng_state(device)
+    if device.type == 'cpu':
+        return torch.get_rng_state()
+    raise ValueError(f'Synchronised dropout supports CPU and CUDA students, got device {device}')
+
+
+def _set_device_rng_state(device, state):
+    device = torch.device(device)
+    if device.type == 'cuda':
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+@contextlib.contextmanager
+def replayed_rng(device, state):
+    """Run the body with `device`'s generator rewound to `state`; afterwards it continues from where it was."""
+    resume_state = device_rng_state(device)
+    _set_device_rng_state(device, state)
+    try:
+        yield
+    finally:
+        _set_device_rng_state(device, resume_state)
+
+
+def synchronised_student_pass(student, x, sigma, labels, rng_device, rng_state):
+    """No-grad training-mode D(x; sigma) drawing its dropout masks from `rng_state`, leaving the weights untouched.
+
+    Given the state saved just before the student's own forward and the same batch shape, every
+    row gets the mask that row got in that forward.
+    """
+    with torch.no_grad(), replayed_rng(rng_device, rng_state), suppress_inplace_weight_norm(student):
+        return student(x.to(torch.float32), sigma.reshape(-1, 1, 1, 1), labels)
+
+#----------------------------------------------------------------------------
+# Per-batch bookkeeping of the three edge classes (MSCD-SPEC §4, §5).
+
+_INVARIANT_TOL = 1e-8
+_EDGE_CLASSES = ('terminal', 'boundary', 'general')
+
+
+def _describe_row(i, edges, sigma_s_eff, sigma_ref):
+    kind = 'terminal' if edges['is_terminal'][i] else 'boundary-snap' if edges['is_boundary_snap'][i] else 'general'
+    return (f'sample {i} ({kind} edge, segment j={int(edges["step_j"][i])}, n_rel={int(edges["n_rel"][i])}): '
+        f'sigma_t={float(edges["sigma_t"][i])!r}, sigma_s={float(edges["sigma_s"][i])!r}, '
+        f'sigma_s_eff={float(sigma_s_eff[i])!r}, sigma_bdry={float(edges["sigma_bdry"][i])!r}, '
+        f'sigma_ref={float(sigma_ref[i])!r}')
+
+
+def _classify_rows(edges, student_sigmas, sigma_s_eff, sigma_ref):
+    """Check the ordering invariants with one host transfer; return row indices and counts per class.
+
+    Raises ValueError naming the sigmas of the first offending sample: a broken ordering, or a
+    degenerate pair (sigma_t = 0 or sigma_t ~ sigma_ref) for which the inverse DDIM step is undefined.
+    """
+    sigma_t, sigma_s, sigma_bdry = edges['sigma_t'], edges['sigma_s'], edges['sigma_bdry']
+    terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
+    step_j = edges['step_j']
+    below_upper_node = (step_j == 0) | terminal | (sigma_t < student_sigmas[step_j] + _INVARIANT_TOL)
+    ordered = (below_upper_node & (sigma_t > sigma_s - _INVARIANT_TOL)
+        & (terminal | (sigma_t > sigma_s_eff - _INVARIANT_TOL)) & (sigma_s_eff >= sigma_bdry - _INVARIANT_TOL))
+    degenerate = (sigma_t == 0) | ((sigma_t - sigma_ref).abs() < 1e-12)
+    flags = torch.stack([terminal, snap, ~(terminal | snap), ~terminal, ~ordered, degenerate]).cpu()
+
+    for problem, bad in (('breaks the sigma ordering of its edge class', flags[4]),
+            ('has a degenerate sigma pair for the inverse DDIM step', flags[5])):
+        if bad.any():
+            first = int(bad.nonzero()[0])
+            raise ValueError(f'Consistency-distillation edge {problem}: '
+                f'{_describe_row(first, edges, sigma_s_eff, sigma_ref)} ({int(bad.sum())} such samples)')
+    names = (*_EDGE_CLASSES, 'non_terminal')
+    rows = {name: flags[i].nonzero().flatten().to(sigma_t.device) for i, name in enumerate(names)}
+    counts = {name: int(flags[i].sum()) for i, name in enumerate(_EDGE_CLASSES)}
+    return rows, counts
+
+#----------------------------------------------------------------------------
+# The loss.
+
+class EDMConsistencyDistillLoss:
+    """MSCD loss with the EDM2 loss interface: loss_fn(net, images, labels) -> per-sample loss.
+
+    teacher_net:        frozen EDM2 denoiser D_T (kept in eval mode, requires_grad off, moved to the data's
+                        device on first use); None to attach it later.
+    S:                  student steps, i.e. segments of the sigma axis.
+    T_start, T_end:     target number of teacher edges (Heun hops of 2 evaluations) at the start and end of
+                        the log-linear anneal over T_anneal_kimg thousand images (<= 0: T_end throughout).
+                        The grid actually used can hold one edge more (T_eff, MSCD-SPEC §2).
+    rho, sigma_min, sigma_max: Karras discretisation shared by the student and teacher grids.
+    loss_type:          'huber' (per element, threshold huber_delta), 'l2' (per element), 'l2_root' or
+                        'pseudo_huber' (per sample; sqrt(|delta|^2 + c^2) - c with c = pseudo_huber_c).
+    weight_mode:        lambda(sigma_t), one of LOSS_WEIGHTS; sqrt_karras is 1/c_out(sigma_t).
+    sampling_mode:      'uniform' (a uniform segment, then a uniform edge in it: the terminal edge gets 1/S),
+                        'vp' (half-Cauchy density in sigma) or 'edm' (log-normal with P_mean, P_std).
+    terminal_anchor:    in vp/edm, give the terminal edge sigma_min -> 0 probability exactly 1/T_eff.
+    terminal_teacher_hop: terminal target D_T(x_t; sigma_min) instead of the clean latent.
+    sync_dropout:       give the no-grad target pass the same dropout masks as the student's pass.
+    report_stats:       report CD/... diagnostics through torch_utils.training_stats.
+
+    Pickling drops the teacher and the grid caches; call attach_teacher() afterwards. For resuming,
+    state_dict()/load_state_dict() carry only runtime state and refuse different hyperparameters.
+    """
+
+    def __init__(self, teacher_net, S=8, T_start=256, T_end=1024, T_anneal_kimg=750, rho=7.0,
+            sigma_min=0.002, sigma_max=80.0, loss_type='pseudo_huber', weight_mode='sqrt_karras',
+            sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=True,
+            terminal_teacher_hop=False, P_mean=-1.2, P_std=1.2, huber_delta=1e-4, pseudo_huber_c=1e-4,
+            report_stats=True):
+        self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), float(T_anneal_kimg)
+        self.rho, self.sigma_min, self.sigma_max = float(rho), float(sigma_min), float(sigma_max)
+        self.loss_type, self.weight_mode, self.sigma_data = loss_type, weight_mode, float(sigma_data)
+        self.sampling_mode, self.P_mean, self.P_std = sampling_mode, float(P_mean), float(P_std)
+        self.sync_dropout, self.terminal_anchor = bool(sync_dropout), bool(terminal_anchor)
+        self.terminal_teacher_hop = bool(terminal_teacher_hop)
+        self.huber_delta, self.pseudo_huber_c = float(huber_delta), float(pseudo_huber_c)
+        self.report_stats = bool(report_stats)
+        self._validate()
+
+        self.progress_kimg = 0.0
+        self.edge_counts = dnnlib.EasyDict({name: 0 for name in (*_EDGE_CLASSES, 'total')})
+        self.teacher_net = None
+        self._grid_cache = dict()   # (T, S, sigma_min, sigma_max, rho) -> float64 CPU grids
+        self._device_grids = None   # (key, device, grids) of the last call
+        self._student_grid = None
+        if teacher_net is not None:
+            self.attach_teacher(teacher_net)
+
+    def _validate(self):
+        def require(ok, what):
+            if not ok:
+                raise ValueError(f'EDMConsistencyDistillLoss: {what}')
+        require(self.S >= 1, f'S must be >= 1, got {self.S}')
+        require(self.T_start >= self.S, f'T_start must be >= S = {self.S} (at least 2*S recommended) so that '
+            f'every student segment holds a teacher edge, got T_start={self.T_start}')
+        require(self.T_end >= self.T_start, f'T_end must be >= T_start = {self.T_start}, got T_end={self.T_end}')
+        require(self.rho > 0, f'rho must be positive, got {self.rho}')
+        require(0 < self.sigma_min < self.sigma_max, f'expected 0 < sigma_min < sigma_max, '
+            f'got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}')
+        require(self.sigma_data > 0, f'sigma_data must be positive, got {self.sigma_data}')
+        require(self.loss_type in LOSS_TYPES, f'loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}')
+        require(self.weight_mode in LOSS_WEIGHTS,
+            f'weight_mode must be one of {tuple(LOSS_WEIGHTS)}, got {self.weight_mode!r}')
+        require(self.sampling_mode in SAMPLING_MODES,
+            f'sampling_mode must be one of {SAMPLING_MODES}, got {self.sampling_mode!r}')
+        require(self.P_std > 0, f'P_std must be positive, got {self.P_std}')
+        require(self.huber_delta > 0, f'huber_delta must be positive, got {self.huber_delta}')
+        require(self.pseudo_huber_c >= 0, f'pseudo_huber_c must be >= 0, got {self.pseudo_huber_c}')
+        if self.terminal_anchor and self.sampling_mode == 'uniform':
+            warnings.warn('EDMConsistencyDistillLoss: terminal_anchor has no effect with sampling_mode=uniform, '
+                'where the terminal edge is drawn with probability 1/S')
+
+    def hyperparameters(self):
+        """The settings that define the objective; a resumed run must use the same ones."""
+        names = ('S', 'T_start', 'T_end', 'T_anneal_kimg', 'rho', 'sigma_min', 'sigma_max', 'loss_type',
+            'weight_mode', 'sigma_data', 'sampling_mode', 'P_mean', 'P_std', 'sync_dropout', 'terminal_anchor',
+            'terminal_teacher_hop', 'huber_delta', 'pseudo_huber_c')
+        return {name: getattr(self, name) for name in names}
+
+    #------------------------------------------------------------------------
+    # Teacher, pickling and checkpoints.
+
+    def attach_teacher(self, teacher_net):
+        """Use `teacher_net` as the frozen teacher (e.g. after unpickling the loss, which drops it)."""
+        self.teacher_net = teacher_net.eval().requires_grad_(False)
+        return self
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.update(teacher_net=None, _grid_cache=dict(), _device_grids=None, _student_grid=None)
+        return state
+
+    def state_dict(self):
+        return dict(hyperparameters=self.hyperparameters(), progress_kimg=self.progress_kimg,
+            edge_counts=dict(self.edge_counts))
+
+    def load_state_dict(self, state):
+        """Restore progress and edge counters; the teacher and hyperparameters stay as constructed."""
+        saved, current = state['hyperparameters'], self.hyperparameters()
+        differing = [f'{name}: checkpoint {saved.get(name, "<missing>")!r}, now {current.get(name, "<missing>")!r}'
+            for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+        if differing:
+            raise ValueError('The checkpoint was trained with different consistency-distillation settings; '
+                'resume with the same ones or start a new run. Differences: ' + '; '.join(differing))
+        self.progress_kimg = float(state['progress_kimg'])
+        self.edge_counts = dnnlib.EasyDict(state['edge_counts'])
+
+    def _teacher_on(self, device):
+        if self.teacher_net is None:
+            raise RuntimeError('EDMConsistencyDistillLoss has no teacher (pickling drops it); '
+                'call attach_teacher(teacher_net) first')
+        if self.teacher_net.training:
+            raise RuntimeError('The consistency-distillation teacher must stay in eval mode: a training-mode '
+                'forward of an EDM2 network rewrites its weights')
+        if _module_device(self.teacher_net, device) != device:
+            self.teacher_net.to(device)
+        return self.teacher_net
+
+    #------------------------------------------------------------------------
+    # Annealing and grids (MSCD-SPEC §2, §7).
+
+    def set_global_kimg(self, kimg):
+        """Set the training progress, in thousands of images seen so far, that drives the T anneal."""
+        self.progress_kimg = float(kimg)
+
+    def current_teacher_edges(self):
+        """Annealed target T for the current progress (the grid may hold T_eff = T + 1 edges)."""
+        return consistency_ops.annealed_teacher_edges(self.progress_kimg, self.T_start, self.T_end, self.T_anneal_kimg)
+
+    def student_sigmas(self, device=torch.device('cpu')):
+        """Student grid (S Karras nodes, then 0), float64 on `device`."""
+        device = torch.device(device)
+        if self._student_grid is None or self._student_grid.device != device:
+            self._student_grid = consistency_ops.make_edge_grid(self.S, self.sigma_min, self.sigma_max, self.rho).to(device)
+        return self._student_grid
+
+    def grids(self, T, device=torch.device('cpu')):
+        """Student grid, teacher grid for target T, terminal edge index, segment bounds and T_eff on `device`."""
+        key = (int(T), self.S, self.sigma_min, self.sigma_max, self.rho)
+        device = torch.device(device)
+        if self._device_grids is not None and self._device_grids[:2] == (key, device):
+            return self._device_grids[2]
+        cpu = self._grid_cache.get(key)
+        if cpu is None:
+            student, teacher, terminal_k = consistency_ops.build_student_teacher_grids(
+                self.S, int(T), self.sigma_min, self.sigma_max, self.rho)
+            bounds = consistency_ops.partition_edges_by_sigma(student, teacher)
+            cpu = dnnlib.EasyDict(student=student, teacher=teacher, terminal_k=terminal_k, bounds=bounds,
+                T_eff=len(teacher) - 1)
+            self._grid_cache[key] = cpu
+        on_device = dnnlib.EasyDict(cpu, student=cpu.student.to(device), teacher=cpu.teacher.to(device),
+            bounds=cpu.bounds.to(device))
+        self._device_grids = (key, device, on_device)
+        return on_device
+
+    #------------------------------------------------------------------------
+    # Loss evaluation.
+
+    def __call__(self, net, images, labels=None):
+        """Per-sample loss ([N,1,1,1]) or per-element loss ([N,C,H,W]) for huber/l2, as the training loop sums it."""
+        T = self.current_teacher_edges()
+        grids = self.grids(T, images.device)
+        edges = consistency_ops.sample_segment_and_teacher_pair(grids.bounds, grids.teacher, grids.student,
+            images.shape[0], images.device, terminal_k=grids.terminal_k, sampling_mode=self.sampling_mode,
+            rho=self.rho, P_mean=self.P_mean, P_std=self.P_std, terminal_anchor=self.terminal_anchor)
+        noise = torch.randn_like(images)
+        if self.report_stats:
+            training_stats.report('CD/T_target', T)
+            training_stats.report('CD/T_edges', grids.T_eff)
+        return self.loss_from_edges(net, images, labels, edges, noise)
+
+    def loss_from_edges(self, net, images, labels, edges, noise):
+        """Deterministic core of __call__ for given edges (sampler dict) and noise eps of x_t = images + sigma_t*eps."""
+        device = images.device
+        teacher, student = self._teacher_on(device), _unwrap(net)
+        sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
+        terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
+        # Snaps stop at the boundary; the max is a no-op on valid grids; terminal rows keep sigma_s = 0.
+        sigma_s_eff = torch.where(snap, sigma_bdry, torch.where(terminal, sigma_s, torch.maximum(sigma_s, sigma_bdry)))
+        sigma_ref = torch.where(terminal, torch.zeros_like(sigma_bdry), sigma_bdry)
+        rows, counts = _classify_rows(dict(edges, sigma_t=sigma_t, sigma_s=sigma_s, sigma_bdry=sigma_bdry),
+            self.student_sigmas(device), sigma_s_eff, sigma_ref)
+        pick = lambda tensor, name: None if tensor is None else tensor[rows[name]]
+
+        # x_ref becomes the point at sigma_ref that the target's DDIM step must reach: the clean latent
+        # on terminal rows, and on the others the teacher's x_s (general rows: until the student's push).
+        x_ref = images.to(torch.float64, copy=True)
+        x_t = x_ref + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
+        if len(rows['non_terminal']):
+            x_ref[rows['non_terminal']] = consistency_ops.heun_hop_edm(teacher, pick(x_t, 'non_terminal'),
+                pick(sigma_t, 'non_terminal'), pick(sigma_s_eff, 'non_terminal'), pick(labels, 'non_terminal'))
+        if self.terminal_teacher_hop and counts['terminal']:
+            with torch.no_grad():
+                x_ref[rows['terminal']] = teacher(pick(x_t, 'terminal').to(torch.float32),
+                    pick(sigma_t, 'terminal'), pick(labels, 'terminal')).to(torch.float64)
+
+        dropout = _has_active_dropout(student)
+        rng_device = _module_device(student, device)
+        rng_state = device_rng_state(rng_device) if dropout and self.sync_dropout else None
+        x_hat_t = net(x_t.to(torch.float32), sigma_t.reshape(-1, 1, 1, 1), labels).to(torch.float32)
+
+        with torch.no_grad():
+            if counts['general']:
+                if rng_state is not None:
+                    # A dropout mask spans the whole batch tensor, so rows line up only in a same-shaped
+                    # pass: the other rows are re-run at (x_t, sigma_t) and discarded.
+                    is_general = (~terminal & ~snap)
+                    x_in = torch.where(is_general.reshape(-1, 1, 1, 1), x_ref, x_t)
+                    sigma_in = torch.where(is_general, sigma_s_eff, sigma_t)
+                    h = synchronised_student_pass(student, x_in, sigma_in, labels, rng_device, rng_state)
+                    h = h[rows['general']]
+                else:
+                    h = self._general_student_pass(student, pick(x_ref, 'general'), pick(sigma_s_eff, 'general'),
+                        pick(labels, 'general'), eval_mode=dropout)
+                x_ref[rows['general']] = consistency_ops.ddim_step_edm(pick(x_ref, 'general'), h.to(torch.float64),
+                    pick(sigma_s_eff, 'general'), pick(sigma_bdry, 'general'))
+            target = consistency_ops.inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref).to(torch.float32)
+
+        delta = x_hat_t - target
+        loss = loss_weight(sigma_t, self.weight_mode, self.sigma_data) * consistency_distance(
+            delta, self.loss_type, self.huber_delta, self.pseudo_huber_c)
+        self._record(edges, sigma_t, sigma_s_eff, sigma_bdry, sigma_ref, delta, rows, counts)
+        return loss
+
+    @staticmethod
+    def _general_student_pass(student, x_s, sigma_s, labels, eval_mode):
+        """D(x_s; sigma_s) on the general rows only: dropout is off, or deliberately not synchronised."""
+        x_in, sigma_in = x_s.to(torch.float32), sigma_s.reshape(-1, 1, 1, 1)
+        if not eval_mode:
+            with suppress_inplace_weight_norm(student):  # no dropout: same values as an eval-mode pass
+                return student(x_in, sigma_in, labels)
+        student.eval()
+        prediction = student(x_in, sigma_in, labels)
+        student.train()  # Deliberate, as in the reference: the student ends in train mode.
+        return prediction
+
+    #------------------------------------------------------------------------
+    # Diagnostics (MSCD-SPEC §13).
+
+    def _record(self, edges, sigma_t, sigma_s_eff, sigma_bdry, sigma_ref, delta, rows, counts):
+        for name, count in counts.items():
+            self.edge_counts[name] += count
+        self.edge_counts.total += sum(counts.values())
+        if not self.report_stats:
+            return
+        batch_size = sum(counts.values())
+        training_stats.report('CD/sigma_t', sigma_t)
+        training_stats.report('CD/sigma_s', sigma_s_eff)
+        training_stats.report('CD/sigma_bdry', sigma_bdry)
+        training_stats.report('CD/seg_id', edges['step_j'])
+        gain = 1 / (1 - sigma_ref / sigma_t.clamp(min=1e-12)).clamp(min=1e-6)
+        l2_error = delta.detach().flatten(1).norm(dim=1)
+        training_stats.report('CD/gain_mean', gain)
+        training_stats.report('CD/gain_max', gain.max())
+        training_stats.report('CD/l2_error_all', l2_error)
+        for name in _EDGE_CLASSES:
+            training_stats.report(f'CD/frac_{name}', counts[name] / batch_size)
+            if counts[name]:
+                training_stats.report(f'CD/gain_{name}_mean', gain[rows[name]])
+                training_stats.report(f'CD/l2_error_{name}', l2_error[rows[name]])
+
+#----------------------------------------------------------------------------
