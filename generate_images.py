@@ -1,0 +1,390 @@
+"""Sample images from EDM2 network pickles and from few-step consistency students."""
+
+import inspect
+import math
+import os
+import pickle
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+from torch_utils import distributed as dist
+from training.consistency_ops import make_karras_sigmas
+from training.encoders import StandardRGBEncoder
+
+#----------------------------------------------------------------------------
+# Published EDM2 models: preset name -> (net, guiding net, guidance).
+# File names are relative to MODEL_ROOT.
+
+MODEL_ROOT = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
+
+PRESETS = {
+    'edm2-img512-xs-fid':              ('edm2-img512-xs-2147483-0.135.pkl',  None, None),
+    'edm2-img512-xs-dino':             ('edm2-img512-xs-2147483-0.200.pkl',  None, None),
+    'edm2-img512-s-fid':               ('edm2-img512-s-2147483-0.130.pkl',   None, None),
+    'edm2-img512-s-dino':              ('edm2-img512-s-2147483-0.190.pkl',   None, None),
+    'edm2-img512-m-fid':               ('edm2-img512-m-2147483-0.100.pkl',   None, None),
+    'edm2-img512-m-dino':              ('edm2-img512-m-2147483-0.155.pkl',   None, None),
+    'edm2-img512-l-fid':               ('edm2-img512-l-1879048-0.085.pkl',   None, None),
+    'edm2-img512-l-dino':              ('edm2-img512-l-1879048-0.155.pkl',   None, None),
+    'edm2-img512-xl-fid':              ('edm2-img512-xl-1342177-0.085.pkl',  None, None),
+    'edm2-img512-xl-dino':             ('edm2-img512-xl-1342177-0.155.pkl',  None, None),
+    'edm2-img512-xxl-fid':             ('edm2-img512-xxl-0939524-0.070.pkl', None, None),
+    'edm2-img512-xxl-dino':            ('edm2-img512-xxl-0939524-0.150.pkl', None, None),
+    'edm2-img64-s-fid':                ('edm2-img64-s-1073741-0.075.pkl',    None, None),
+    'edm2-img64-m-fid':                ('edm2-img64-m-2147483-0.060.pkl',    None, None),
+    'edm2-img64-l-fid':                ('edm2-img64-l-1073741-0.040.pkl',    None, None),
+    'edm2-img64-xl-fid':               ('edm2-img64-xl-0671088-0.040.pkl',   None, None),
+    'edm2-img512-xs-guid-fid':         ('edm2-img512-xs-2147483-0.045.pkl',  'edm2-img512-xs-uncond-2147483-0.045.pkl', 1.40),
+    'edm2-img512-xs-guid-dino':        ('edm2-img512-xs-2147483-0.150.pkl',  'edm2-img512-xs-uncond-2147483-0.150.pkl', 1.70),
+    'edm2-img512-s-guid-fid':          ('edm2-img512-s-2147483-0.025.pkl',   'edm2-img512-xs-uncond-2147483-0.025.pkl', 1.40),
+    'edm2-img512-s-guid-dino':         ('edm2-img512-s-2147483-0.085.pkl',   'edm2-img512-xs-uncond-2147483-0.085.pkl', 1.90),
+    'edm2-img512-m-guid-fid':          ('edm2-img512-m-2147483-0.030.pkl',   'edm2-img512-xs-uncond-2147483-0.030.pkl', 1.20),
+    'edm2-img512-m-guid-dino':         ('edm2-img512-m-2147483-0.015.pkl',   'edm2-img512-xs-uncond-2147483-0.015.pkl', 2.00),
+    'edm2-img512-l-guid-fid':          ('edm2-img512-l-1879048-0.015.pkl',   'edm2-img512-xs-uncond-2147483-0.015.pkl', 1.20),
+    'edm2-img512-l-guid-dino':         ('edm2-img512-l-1879048-0.035.pkl',   'edm2-img512-xs-uncond-2147483-0.035.pkl', 1.70),
+    'edm2-img512-xl-guid-fid':         ('edm2-img512-xl-1342177-0.020.pkl',  'edm2-img512-xs-uncond-2147483-0.020.pkl', 1.20),
+    'edm2-img512-xl-guid-dino':        ('edm2-img512-xl-1342177-0.030.pkl',  'edm2-img512-xs-uncond-2147483-0.030.pkl', 1.70),
+    'edm2-img512-xxl-guid-fid':        ('edm2-img512-xxl-0939524-0.015.pkl', 'edm2-img512-xs-uncond-2147483-0.015.pkl', 1.20),
+    'edm2-img512-xxl-guid-dino':       ('edm2-img512-xxl-0939524-0.015.pkl', 'edm2-img512-xs-uncond-2147483-0.015.pkl', 1.70),
+    'edm2-img512-s-autog-fid':         ('edm2-img512-s-2147483-0.070.pkl',   'edm2-img512-xs-0134217-0.125.pkl',        2.10),
+    'edm2-img512-s-autog-dino':        ('edm2-img512-s-2147483-0.120.pkl',   'edm2-img512-xs-0134217-0.165.pkl',        2.45),
+    'edm2-img512-xxl-autog-fid':       ('edm2-img512-xxl-0939524-0.075.pkl', 'edm2-img512-m-0268435-0.155.pkl',         2.05),
+    'edm2-img512-xxl-autog-dino':      ('edm2-img512-xxl-0939524-0.130.pkl', 'edm2-img512-m-0268435-0.205.pkl',         2.30),
+    'edm2-img512-s-uncond-autog-fid':  ('edm2-img512-s-uncond-2147483-0.070.pkl', 'edm2-img512-xs-uncond-0134217-0.110.pkl', 2.85),
+    'edm2-img512-s-uncond-autog-dino': ('edm2-img512-s-uncond-2147483-0.090.pkl', 'edm2-img512-xs-uncond-0134217-0.125.pkl', 2.90),
+    'edm2-img64-s-autog-fid':          ('edm2-img64-s-1073741-0.045.pkl',    'edm2-img64-xs-0134217-0.110.pkl',         1.70),
+    'edm2-img64-s-autog-dino':         ('edm2-img64-s-1073741-0.105.pkl',    'edm2-img64-xs-0134217-0.175.pkl',         2.20),
+}
+
+#----------------------------------------------------------------------------
+# Samplers. Each maps pure noise (unit variance) to a latent batch; `net` is a denoiser D(x; sigma).
+
+def sigma_schedule(num_steps, sigma_min, sigma_max, rho, dtype, device):
+    """Karras noise levels sigma_0 = sigma_max > ... > sigma_min, then 0; built in float64 and cast."""
+    nodes = make_karras_sigmas(num_steps, sigma_min, sigma_max, rho)
+    return torch.cat([nodes, nodes.new_zeros(1)]).to(dtype=dtype, device=device)
+
+
+def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
+                guidance=1, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, dtype=torch.float32,
+                randn_like=torch.randn_like):
+    """Heun's 2nd-order solver of the probability-flow ODE, with optional churn and guidance (EDM Alg. 2)."""
+    guide = net if gnet is None else gnet
+
+    def denoise(x, sigma):
+        d_main = net(x, sigma, labels).to(dtype)
+        if guidance == 1:
+            return d_main
+        return torch.lerp(guide(x, sigma, labels).to(dtype), d_main, guidance)
+
+    sigmas = sigma_schedule(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
+    x_next = noise.to(dtype) * sigmas[0]
+    for i in range(num_steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x = x_next
+        if S_churn > 0 and S_min <= sigma <= S_max:
+            sigma_up = sigma * (1 + min(S_churn / num_steps, math.sqrt(2) - 1))
+            x = x + (sigma_up ** 2 - sigma ** 2).sqrt() * S_noise * randn_like(x)
+            sigma = sigma_up
+        slope = (x - denoise(x, sigma)) / sigma
+        x_next = x + (sigma_next - sigma) * slope
+        if i < num_steps - 1:
+            slope_next = (x_next - denoise(x_next, sigma_next)) / sigma_next
+            x_next = x + (sigma_next - sigma) * (slope + slope_next) / 2
+    return x_next
+
+
+def _student_steps(net, noise, labels, num_steps, sigma_min, sigma_max, rho, dtype, renoise):
+    sigmas = sigma_schedule(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
+    x = noise.to(dtype) * sigmas[0]
+    for i in range(num_steps - 1):
+        x = renoise(x, net(x, sigmas[i], labels).to(dtype), sigmas[i], sigmas[i + 1])
+    return net(x, sigmas[num_steps - 1], labels).to(dtype)  # the step to sigma = 0 returns the prediction
+
+
+def consistency_sampler(net, noise, labels=None, num_steps=8, sigma_min=0.002, sigma_max=80, rho=7,
+                        dtype=torch.float32, randn_like=torch.randn_like):
+    """Multistep consistency sampling: one deterministic DDIM (Euler) step per student segment, NFE = num_steps."""
+    def ddim(x, x_hat, sigma, sigma_next):
+        return x_hat + (sigma_next / sigma) * (x - x_hat)
+    return _student_steps(net, noise, labels, num_steps, sigma_min, sigma_max, rho, dtype, ddim)
+
+
+def stochastic_consistency_sampler(net, noise, labels=None, num_steps=8, sigma_min=0.002, sigma_max=80, rho=7,
+                                   dtype=torch.float32, randn_like=torch.randn_like):
+    """Consistency Models' multistep sampling (Alg. 1): denoise, then noise afresh to the next node."""
+    def fresh_noise(x, x_hat, sigma, sigma_next):
+        return x_hat + sigma_next * randn_like(x_hat)
+    return _student_steps(net, noise, labels, num_steps, sigma_min, sigma_max, rho, dtype, fresh_noise)
+
+
+SAMPLERS = {'heun': edm_sampler, 'euler': consistency_sampler, 'stochastic': stochastic_consistency_sampler}
+
+#----------------------------------------------------------------------------
+# Per-seed randomness.
+
+class StackedRandomGenerator:
+    """A batch of independent random streams, one per seed, so that an image depends only on its seed."""
+
+    def __init__(self, device, seeds):
+        self.generators = [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+    def _stack(self, draw, size):
+        if len(size) == 0 or size[0] != len(self.generators):
+            raise ValueError(f'Leading size {tuple(size)[:1]} must equal the number of seeds ({len(self.generators)})')
+        return torch.stack([draw(generator, list(size[1:])) for generator in self.generators])
+
+    def randn(self, size, **kwargs):
+        return self._stack(lambda g, shape: torch.randn(shape, generator=g, **kwargs), size)
+
+    def randn_like(self, x):
+        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
+
+    def randint(self, *args, size, **kwargs):
+        return self._stack(lambda g, shape: torch.randint(*args, size=shape, generator=g, **kwargs), size)
+
+#----------------------------------------------------------------------------
+# Loading, batching and saving.
+
+class GenerationError(ValueError):
+    """A network pickle or option that cannot be used as requested."""
+
+
+def default_device():
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def barrier_if_distributed():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def load_network_pickle(source, verbose=True):
+    """Read a network pickle (path or URL) and return its top-level dict; only 'ema' is required."""
+    with dnnlib.util.open_url(source, verbose=verbose) as f:
+        data = pickle.load(f)
+    if not isinstance(data, dict) or 'ema' not in data:
+        raise GenerationError(f'{source} is not a network pickle: expected a dict with an "ema" entry, got {type(data).__name__}')
+    return data
+
+
+def load_rank0_first(source, verbose=True):
+    """Load on rank 0 before the others, so that a download happens only once."""
+    if dist.get_rank() != 0:
+        barrier_if_distributed()
+    data = load_network_pickle(source, verbose=(verbose and dist.get_rank() == 0))
+    if dist.get_rank() == 0:
+        barrier_if_distributed()
+    return data
+
+
+def rank_batches(num_items, max_batch_size):
+    """Index chunks handled by this rank; every rank gets the same number of (possibly empty) chunks."""
+    world_size = dist.get_world_size()
+    num_batches = max(math.ceil(num_items / (max_batch_size * world_size)), 1) * world_size
+    return np.array_split(np.arange(num_items), num_batches)[dist.get_rank()::world_size]
+
+
+def image_path(outdir, seed, subdirs=False):
+    if subdirs:
+        return os.path.join(outdir, f'{seed // 1000 * 1000:06d}', f'{seed:06d}.png')
+    return os.path.join(outdir, f'{seed:06d}.png')
+
+
+def to_pil(image_chw):
+    """uint8 CHW array (1 or 3 channels) -> PIL image."""
+    array = np.asarray(image_chw).transpose(1, 2, 0)
+    return PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def image_grid(images):
+    """uint8 NCHW array -> CHW mosaic, as square as possible, empty cells black."""
+    n, c, h, w = images.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    canvas = np.zeros([rows * cols, c, h, w], dtype=images.dtype)
+    canvas[:n] = images
+    return canvas.reshape(rows, cols, c, h, w).transpose(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
+
+
+def resolve_sampler(sampler_fn, cd, sampler_kwargs):
+    """Pick the sampler and its settings; consistency students default to their own S-step grid."""
+    kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    if cd is not None:
+        missing = [key for key in ('S', 'sigma_min', 'sigma_max', 'rho') if key not in cd]
+        if missing:
+            raise GenerationError(f'The "cd" entry of the network pickle lacks {missing}')
+        if kwargs.get('guidance', 1) != 1:
+            raise GenerationError(f'Guidance {kwargs["guidance"]} is not available for consistency students; use guidance 1 (no --gnet)')
+        kwargs.pop('guidance', None)
+        kwargs = dict(num_steps=int(cd['S']), sigma_min=cd['sigma_min'], sigma_max=cd['sigma_max'], rho=cd['rho']) | kwargs
+        sampler_fn = sampler_fn or 'euler'
+    sampler_fn = sampler_fn or 'heun'
+    if isinstance(sampler_fn, str):
+        if sampler_fn not in SAMPLERS:
+            raise GenerationError(f'Unknown sampler "{sampler_fn}"; expected one of {sorted(SAMPLERS)}')
+        sampler_fn = SAMPLERS[sampler_fn]
+    accepted = inspect.signature(sampler_fn).parameters
+    unused = [key for key in kwargs if key not in accepted]
+    if unused:
+        raise GenerationError(f'Sampler {sampler_fn.__name__} does not take {unused}; guidance and S_* options need the Heun sampler')
+    return sampler_fn, kwargs
+
+#----------------------------------------------------------------------------
+
+def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, seeds=range(16, 24), class_idx=None,
+                    max_batch_size=32, encoder_batch_size=4, verbose=True, device=None, sampler_fn=None,
+                    **sampler_kwargs):
+    """Generate one image per seed, split across ranks; yields an EasyDict per batch and saves PNGs to `outdir`.
+
+    `net` is a network pickle (path, URL or loaded dict) or a denoiser module; a pickle with a 'cd' entry
+    is a consistency student and is sampled, by default, with its own S-step grid. `sampler_fn` is a
+    sampler function, a name from SAMPLERS, or None for that default; `sampler_kwargs` with value None
+    are left at the sampler's default.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    cd = None
+    if isinstance(net, (str, os.PathLike, dict)):
+        data = net if isinstance(net, dict) else load_rank0_first(net, verbose)
+        net, cd = data['ema'], data.get('cd')
+        encoder = encoder if encoder is not None else data.get('encoder')
+    if isinstance(gnet, (str, os.PathLike)):
+        gnet = load_rank0_first(gnet, verbose)['ema']
+    if encoder is None:
+        encoder = StandardRGBEncoder()
+    sampler_fn, sampler_kwargs = resolve_sampler(sampler_fn, cd, sampler_kwargs)
+    if gnet is not None:
+        sampler_kwargs['gnet'] = gnet.to(device)
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise GenerationError(f'Class index {class_idx} is out of range for a network with {net.label_dim} classes')
+    net.to(device)
+    encoder.init(device)
+    if hasattr(encoder, 'batch_size'):
+        encoder.batch_size = encoder_batch_size
+
+    batches = rank_batches(len(seeds), max_batch_size)
+    show_progress = verbose and dist.get_rank() == 0
+    for batch_idx, indices in enumerate(tqdm.tqdm(batches, unit='batch', disable=not show_progress)):
+        batch_seeds = [seeds[i] for i in indices]
+        if batch_seeds:
+            rnd = StackedRandomGenerator(device, batch_seeds)
+            noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+            labels = None
+            if net.label_dim > 0:
+                class_ids = rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)
+                if class_idx is not None:
+                    class_ids.fill_(class_idx)
+                labels = torch.eye(net.label_dim, device=device)[class_ids]
+            with torch.no_grad():
+                latents = sampler_fn(net=net, noise=noise, labels=labels, randn_like=rnd.randn_like, **sampler_kwargs)
+                images = encoder.decode(latents)
+            if outdir is not None:
+                for seed, image in zip(batch_seeds, images.cpu().numpy()):
+                    path = image_path(outdir, seed, subdirs)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    to_pil(image).save(path)
+            yield dnnlib.EasyDict(images=images, labels=labels, noise=noise, batch_idx=batch_idx,
+                                  num_batches=len(batches), indices=indices, seeds=batch_seeds)
+        barrier_if_distributed()
+
+#----------------------------------------------------------------------------
+# Command line.
+
+def parse_int_list(text):
+    """'1,4-6,9' -> [1, 4, 5, 6, 9] (ranges inclusive)."""
+    if isinstance(text, list):
+        return text
+    values = []
+    for part in text.split(','):
+        bounds = part.strip().split('-')
+        if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
+            raise click.BadParameter(f'"{part}" in "{text}" is neither an integer nor a range like 4-6')
+        low, high = int(bounds[0]), int(bounds[-1])
+        if high < low:
+            raise click.BadParameter(f'Range "{part}" ends before it starts')
+        values.extend(range(low, high + 1))
+    return values
+
+
+def _gather_to_rank0(items):
+    if dist.get_world_size() == 1:
+        return items
+    everything = [None] * dist.get_world_size()
+    torch.distributed.all_gather_object(everything, items)
+    return [item for part in everything for item in part]
+
+
+@click.command()
+@click.option('--preset', help='Published EDM2 configuration (sets --net, --gnet, --guidance)', type=click.Choice(sorted(PRESETS)))
+@click.option('--net', help='Network pickle to sample (path or URL)', metavar='PKL|URL')
+@click.option('--gnet', help='Guiding network pickle (path or URL)', metavar='PKL|URL')
+@click.option('--outdir', help='Directory for the PNG files', metavar='DIR', required=True)
+@click.option('--subdirs', help='Put every 1000 seeds into their own subdirectory', is_flag=True)
+@click.option('--seeds', help='Seeds, e.g. 0-63 or 1,5,7-9', metavar='LIST', type=parse_int_list, default='16-19', show_default=True)
+@click.option('--class', 'class_idx', help='Class index for all images [default: random per seed]', metavar='INT', type=click.IntRange(min=0))
+@click.option('--batch', 'max_batch_size', help='Largest batch per process', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--grid', help='Also save all images as one mosaic to this PNG file', metavar='FILE.png')
+@click.option('--sampler', 'sampler_fn', help='heun (EDM2 models), euler (deterministic consistency), stochastic (consistency with fresh noise) [default: euler for students, else heun]', type=click.Choice(sorted(SAMPLERS)))
+@click.option('--steps', 'num_steps', help='Number of noise levels [default: S for students, else 32]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--sigma_min', help='Lowest noise level [default: 0.002 or the student\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', help='Highest noise level [default: 80 or the student\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho', help='Karras schedule exponent [default: 7 or the student\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--guidance', help='Guidance strength; 1 disables guidance  [default: 1]', metavar='FLOAT', type=float)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength (Heun) [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_min', 'S_min', help='Lowest noise level with churn (Heun) [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_max', 'S_max', help='Highest noise level with churn (Heun) [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--S_noise', 'S_noise', help='Churn noise scale (Heun) [default: 1]', metavar='FLOAT', type=float)
+def cli(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size, grid, sampler_fn, **sampler_kwargs):
+    """Generate images with an EDM2 model or a consistency-distilled student.
+
+    \b
+    Examples:
+    # Four images from a published EDM2 model
+    python generate_images.py --preset=edm2-img512-s-guid-fid --outdir=out --seeds=0-3
+    \b
+    # A distilled student with its own S-step sampler, 2 processes, plus a mosaic
+    torchrun --standalone --nproc_per_node=2 generate_images.py \\
+        --net=training-runs/00000-cd/network-snapshot-0001024.pkl --outdir=out --seeds=0-63 --grid=out/grid.png
+    """
+    if preset is not None:
+        preset_net, preset_gnet, preset_guidance = PRESETS[preset]
+        net = net if net is not None else f'{MODEL_ROOT}/{preset_net}'
+        if gnet is None and preset_gnet is not None:
+            gnet = f'{MODEL_ROOT}/{preset_gnet}'
+        if sampler_kwargs['guidance'] is None:
+            sampler_kwargs['guidance'] = preset_guidance
+    if net is None:
+        raise click.ClickException('Give a network with --net or choose a --preset')
+    if sampler_kwargs['guidance'] is None or sampler_kwargs['guidance'] == 1:
+        sampler_kwargs['guidance'] = None
+        gnet = None
+    elif gnet is None:
+        raise click.ClickException(f'--guidance={sampler_kwargs["guidance"]} needs a guiding network: pass --gnet')
+
+    dist.init()
+    dist.print0(f'Generating {len(seeds)} images to "{outdir}" ...')
+    kept = []
+    try:
+        for r in generate_images(net=net, gnet=gnet, outdir=outdir, subdirs=subdirs, seeds=seeds, class_idx=class_idx,
+                                 max_batch_size=max_batch_size, sampler_fn=sampler_fn, **sampler_kwargs):
+            if grid is not None:
+                kept.extend(zip(r.indices.tolist(), r.images.cpu().numpy()))
+    except GenerationError as err:
+        raise click.ClickException(str(err)) from err
+    if grid is not None:
+        kept = sorted(_gather_to_rank0(kept), key=lambda item: item[0])
+        if dist.get_rank() == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
+            to_pil(image_grid(np.stack([image for _, image in kept]))).save(grid)
+            print(f'Saved grid of {len(kept)} images to "{grid}"')
+    dist.print0('Done.')
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    cli()

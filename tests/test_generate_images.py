@@ -1,0 +1,341 @@
+"""Tests for generate_images.py: samplers against analytic answers, per-seed RNG, the CLI, CD students."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dnnlib
+import generate_images
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+
+#----------------------------------------------------------------------------
+# Analytic denoisers. For data y ~ N(mu, s^2) per pixel, E[y | y + sigma n = x] = mu + s^2/(s^2+sigma^2) (x - mu),
+# and the probability-flow ODE moves x along x(sigma) - mu = (x(sigma_a) - mu) sqrt(s^2+sigma^2)/sqrt(s^2+sigma_a^2).
+
+def gaussian_denoiser(mu, s):
+    def denoise(x, sigma, labels=None):
+        sigma = torch.as_tensor(sigma, dtype=x.dtype)
+        return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
+    return denoise
+
+
+def ode_endpoint(x, sigma, mu, s):
+    """Where the exact ODE trajectory through x at noise level sigma ends at sigma = 0."""
+    return mu + (x - mu) * s / np.sqrt(s ** 2 + sigma ** 2)
+
+
+def karras_nodes(n, sigma_min, sigma_max, rho):
+    a, b = sigma_max ** (1 / rho), sigma_min ** (1 / rho)
+    return (a + np.arange(n) / max(n - 1, 1) * (b - a)) ** rho
+
+
+def ideal_student(mu, s, nodes):
+    """A perfect multistep consistency student for the Gaussian data: from x at sigma it predicts the x_hat
+    whose DDIM step to the next student node lands exactly on the ODE trajectory."""
+    boundaries = list(nodes[1:]) + [0.0]
+
+    def predict(x, sigma, labels=None):
+        sigma = float(sigma)
+        bdry = next(b for b in boundaries if b < sigma * (1 - 1e-6))
+        x_target = mu + (x - mu) * np.sqrt(s ** 2 + bdry ** 2) / np.sqrt(s ** 2 + sigma ** 2)
+        return (sigma * x_target - bdry * x) / (sigma - bdry)
+    return predict
+
+
+class CallLog:
+    """Wraps a denoiser function and records the sigma of every call."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.sigmas = []
+
+    def __call__(self, x, sigma, labels=None):
+        self.sigmas.append(float(sigma))
+        return self.fn(x, sigma, labels)
+
+#----------------------------------------------------------------------------
+# Samplers.
+
+def test_heun_reaches_gaussian_ode_solution():
+    mu, s = 0.3, 0.5
+    noise = torch.randn([64, 1, 2, 2], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = CallLog(gaussian_denoiser(mu, s))
+    out = generate_images.edm_sampler(net, noise, num_steps=128, dtype=torch.float64)
+    expected = ode_endpoint(noise * 80, 80, mu, s)
+    assert torch.allclose(out, expected, rtol=0, atol=2e-3)
+    assert len(net.sigmas) == 2 * 128 - 1
+    assert net.sigmas[0] == pytest.approx(80) and min(net.sigmas) == pytest.approx(0.002)
+    # Heun is 2nd order: halving the step count roughly quadruples the error.
+    error_64 = (generate_images.edm_sampler(gaussian_denoiser(mu, s), noise, num_steps=64, dtype=torch.float64) - expected).abs().max()
+    error_32 = (generate_images.edm_sampler(gaussian_denoiser(mu, s), noise, num_steps=32, dtype=torch.float64) - expected).abs().max()
+    assert 3 < error_32 / error_64 < 5
+
+
+def test_heun_guidance_follows_interpolated_denoiser():
+    s, mu_cond, mu_guide, w = 0.5, 0.4, -0.2, 2.5
+    noise = torch.randn([32, 1, 2, 2], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    net, gnet = CallLog(gaussian_denoiser(mu_cond, s)), CallLog(gaussian_denoiser(mu_guide, s))
+    out = generate_images.edm_sampler(net, noise, gnet=gnet, guidance=w, num_steps=128, dtype=torch.float64)
+    # Both denoisers share s, so the guided one is the Gaussian denoiser with mean lerp(mu_guide, mu_cond, w).
+    expected = ode_endpoint(noise * 80, 80, mu_guide + w * (mu_cond - mu_guide), s)
+    assert torch.allclose(out, expected, rtol=0, atol=2e-3)
+    assert len(net.sigmas) == len(gnet.sigmas) == 2 * 128 - 1
+
+
+def test_heun_churn_keeps_the_data_distribution():
+    mu, s = 1.0, 0.5
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn([20000, 1, 1, 1], generator=gen, dtype=torch.float64)
+    draws = []
+
+    def randn_like(x):
+        draws.append(1)
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    out = generate_images.edm_sampler(gaussian_denoiser(mu, s), noise, num_steps=128, S_churn=40, S_min=0.05, S_max=50,
+                                      dtype=torch.float64, randn_like=randn_like)
+    sigmas = karras_nodes(128, 0.002, 80, 7)
+    assert len(draws) == int(((sigmas >= 0.05) & (sigmas <= 50)).sum())
+    assert abs(out.mean().item() - mu) < 0.015
+    assert abs(out.std().item() - s) < 0.01
+    # Churn changes individual samples compared with the deterministic ODE.
+    assert (out - ode_endpoint(noise * 80, 80, mu, s)).abs().max() > 0.1
+
+
+def test_consistency_sampler_is_exact_for_an_ideal_student():
+    mu, s, S = -0.1, 0.5, 8
+    nodes = np.load(os.path.join(FIXTURES, 'student_grids.npz'))['S8_nodes']
+    noise = torch.randn([16, 2, 2, 2], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    net = CallLog(ideal_student(mu, s, nodes))
+    out = generate_images.consistency_sampler(net, noise, num_steps=S, dtype=torch.float64)
+    assert torch.allclose(out, ode_endpoint(noise * 80, 80, mu, s), rtol=0, atol=1e-10)
+    assert net.sigmas == list(nodes)  # one network call per student node, on the training grid
+
+
+def test_consistency_sampler_grid_is_float64_karras_cast_to_dtype():
+    nodes = np.load(os.path.join(FIXTURES, 'student_grids.npz'))['S5_sigma_min0p01_sigma_max10_rho3_nodes']
+    net = CallLog(lambda x, sigma, labels: torch.zeros_like(x))
+    generate_images.consistency_sampler(net, torch.zeros([1, 1, 1, 1]), num_steps=5, sigma_min=0.01, sigma_max=10, rho=3)
+    assert net.sigmas == [float(np.float32(v)) for v in nodes]
+
+
+def test_consistency_sampler_point_mass_and_last_step_returns_prediction():
+    c = 0.7
+    noise = torch.randn([4, 3, 2, 2], generator=torch.Generator().manual_seed(5))
+    for sampler in (generate_images.consistency_sampler, generate_images.stochastic_consistency_sampler):
+        net = CallLog(lambda x, sigma, labels: torch.full_like(x, c))
+        out = sampler(net, noise, num_steps=4)
+        assert torch.equal(out, torch.full_like(noise, c))
+        assert len(net.sigmas) == 4
+
+
+def test_stochastic_consistency_sampler_samples_the_data_distribution():
+    mu, s = 0.5, 0.3
+    gen = torch.Generator().manual_seed(6)
+    noise = torch.randn([20000, 1, 1, 1], generator=gen, dtype=torch.float64)
+    draws = []
+
+    def randn_like(x):
+        draws.append(1)
+        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+
+    def endpoint_net(x, sigma, labels=None):
+        return ode_endpoint(x, float(sigma), mu, s)
+    out = generate_images.stochastic_consistency_sampler(endpoint_net, noise, num_steps=4, dtype=torch.float64,
+                                                         randn_like=randn_like)
+    assert len(draws) == 3  # fresh noise before every step but the first
+    assert abs(out.mean().item() - mu) < 0.01 and abs(out.std().item() - s) < 0.01
+    deterministic = generate_images.consistency_sampler(endpoint_net, noise, num_steps=4, dtype=torch.float64)
+    assert (out - deterministic).abs().max() > 0.1
+
+#----------------------------------------------------------------------------
+# Tiny EDM2 networks and pickles.
+
+def tiny_precond(label_dim=0, seed=0):
+    from training.networks_edm2 import Precond
+    torch.manual_seed(seed)
+    net = Precond(img_resolution=8, img_channels=3, label_dim=label_dim, model_channels=16, channel_mult=[1, 2],
+                  num_blocks=1, attn_resolutions=[4], logvar_channels=8)
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if name.endswith('_gain'):
+                param.fill_(1)  # fresh gains are 0, which would hide the U-Net and the conditioning
+    return net.eval().requires_grad_(False)
+
+
+def network_pickle(net, cd=None):
+    from training.encoders import StandardRGBEncoder
+    data = dnnlib.EasyDict(encoder=StandardRGBEncoder(),
+                           dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='none', use_labels=False),
+                           ema=net)
+    if cd is not None:
+        data.cd = cd
+    return data
+
+
+def save_pickle(obj, path):
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f)
+    return str(path)
+
+
+def read_png(path):
+    return np.asarray(PIL.Image.open(path)).transpose(2, 0, 1)
+
+
+class CountingNet(torch.nn.Module):
+    """Denoiser wrapper that counts its calls in a class-level log (survives pickling within one process)."""
+    log = []
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.img_channels, self.img_resolution, self.label_dim = inner.img_channels, inner.img_resolution, inner.label_dim
+
+    def forward(self, x, sigma, class_labels=None):
+        CountingNet.log.append(float(sigma))
+        return self.inner(x, sigma, class_labels)
+
+
+def collect(**kwargs):
+    return {seed: image for r in generate_images.generate_images(verbose=False, device='cpu', **kwargs)
+            for seed, image in zip(r.seeds, r.images.numpy())}
+
+
+def test_images_depend_only_on_their_seed():
+    net = tiny_precond(label_dim=4)
+    seeds = [3, 1, 4, 15]
+    whole = collect(net=net, seeds=seeds, max_batch_size=4, num_steps=2)
+    split = collect(net=net, seeds=seeds[::-1], max_batch_size=2, num_steps=2)
+    assert sorted(whole) == sorted(seeds)
+    for seed in seeds:
+        assert whole[seed].dtype == np.uint8 and whole[seed].shape == (3, 8, 8)
+        assert np.array_equal(whole[seed], split[seed])
+    assert not np.array_equal(whole[3], whole[1])
+    # A fixed class replaces the labels; the noise drawn for a seed stays the same.
+    fixed, = generate_images.generate_images(net=net, seeds=seeds, class_idx=2, num_steps=1, verbose=False, device='cpu')
+    free, = generate_images.generate_images(net=net, seeds=seeds, num_steps=1, verbose=False, device='cpu')
+    assert torch.equal(fixed.noise, free.noise)
+    assert torch.equal(fixed.labels, torch.eye(4)[[2] * 4])
+    assert free.labels.sum(1).eq(1).all() and not torch.equal(free.labels, fixed.labels)
+    assert not np.array_equal(fixed.images, free.images)
+
+
+def test_student_pickle_uses_its_own_steps(tmp_path):
+    cd = {'S': 3, 'sigma_min': 0.01, 'sigma_max': 10.0, 'rho': 5.0, 'T_start': 8}
+    path = save_pickle(network_pickle(CountingNet(tiny_precond()), cd=cd), tmp_path / 'student.pkl')
+    CountingNet.log.clear()
+    results = list(generate_images.generate_images(net=path, seeds=range(4), max_batch_size=4, verbose=False, device='cpu'))
+    assert len(results) == 1 and results[0].images.shape == (4, 3, 8, 8)
+    assert CountingNet.log == pytest.approx(list(karras_nodes(3, 0.01, 10.0, 5.0)), rel=1e-6)
+
+    CountingNet.log.clear()
+    list(generate_images.generate_images(net=path, seeds=range(4), num_steps=5, verbose=False, device='cpu'))
+    assert len(CountingNet.log) == 5 and CountingNet.log[0] == pytest.approx(10.0)
+    CountingNet.log.clear()
+    list(generate_images.generate_images(net=path, seeds=range(4), sampler_fn='heun', verbose=False, device='cpu'))
+    assert len(CountingNet.log) == 2 * 3 - 1
+    CountingNet.log.clear()
+    list(generate_images.generate_images(net=path, seeds=range(4), sampler_fn='stochastic', verbose=False, device='cpu'))
+    assert len(CountingNet.log) == 3
+
+    with pytest.raises(generate_images.GenerationError, match='[Gg]uidance'):
+        list(generate_images.generate_images(net=path, gnet=tiny_precond(), guidance=2.0, verbose=False, device='cpu'))
+    with pytest.raises(generate_images.GenerationError, match='S_churn'):
+        list(generate_images.generate_images(net=path, S_churn=10, verbose=False, device='cpu'))
+
+
+def test_teacher_pickle_defaults_to_heun(tmp_path):
+    path = save_pickle(network_pickle(CountingNet(tiny_precond())), tmp_path / 'teacher.pkl')
+    CountingNet.log.clear()
+    list(generate_images.generate_images(net=path, seeds=[0], num_steps=4, verbose=False, device='cpu'))
+    assert len(CountingNet.log) == 2 * 4 - 1
+    assert CountingNet.log[0] == pytest.approx(80) and min(CountingNet.log) == pytest.approx(0.002)
+
+
+def test_subdirs_group_seeds_by_thousand(tmp_path):
+    list(generate_images.generate_images(net=tiny_precond(), outdir=str(tmp_path), subdirs=True, seeds=[999, 1000],
+                                         num_steps=1, verbose=False, device='cpu'))
+    assert sorted(os.listdir(tmp_path)) == ['000000', '001000']
+    assert os.listdir(tmp_path / '000000') == ['000999.png'] and os.listdir(tmp_path / '001000') == ['001000.png']
+
+
+def test_parse_int_list():
+    assert generate_images.parse_int_list('0-3,7,10-11') == [0, 1, 2, 3, 7, 10, 11]
+    for bad in ('a', '3-1', '1-2-3', ''):
+        with pytest.raises(Exception, match=bad or '""'):
+            generate_images.parse_int_list(bad)
+
+#----------------------------------------------------------------------------
+# Command line.
+
+def run_cli(args, env, cwd, check=True):
+    proc = subprocess.run([sys.executable, 'generate_images.py', *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_cli_writes_pngs_and_grid(tmp_path, repo_root, subprocess_env):
+    net = tiny_precond()
+    path = save_pickle(network_pickle(net), tmp_path / 'net.pkl')
+    outdir = tmp_path / 'out'
+    run_cli([f'--net={path}', f'--outdir={outdir}', '--seeds=0-4', '--batch=2', '--steps=4', f'--grid={tmp_path}/grid.png'],
+            subprocess_env, repo_root)
+    assert sorted(os.listdir(outdir)) == [f'{seed:06d}.png' for seed in range(5)]
+    expected = collect(net=net, seeds=range(5), num_steps=4)
+    for seed in range(5):
+        assert np.array_equal(read_png(outdir / f'{seed:06d}.png'), expected[seed])
+    grid = read_png(tmp_path / 'grid.png')
+    assert grid.shape == (3, 2 * 8, 3 * 8)  # 5 images -> 3 columns, 2 rows
+    assert np.array_equal(grid[:, 8:16, 8:16], expected[4])
+    assert np.all(grid[:, 8:16, 16:24] == 0)
+
+
+
+@pytest.mark.slow
+def test_cli_student_uses_consistency_sampler(tmp_path, repo_root, subprocess_env):
+    net = tiny_precond(seed=1)
+    cd = {'S': 2, 'sigma_min': 0.002, 'sigma_max': 80.0, 'rho': 7.0}
+    path = save_pickle(network_pickle(net, cd=cd), tmp_path / 'student.pkl')
+    run_cli([f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=5,6'], subprocess_env, repo_root)
+    rnd = generate_images.StackedRandomGenerator('cpu', [5, 6])
+    noise = rnd.randn([2, 3, 8, 8])
+    with torch.no_grad():
+        latents = generate_images.consistency_sampler(net, noise, num_steps=2)
+    from training.encoders import StandardRGBEncoder
+    expected = StandardRGBEncoder().decode(latents).numpy()
+    assert np.array_equal(read_png(tmp_path / 'out' / '000005.png'), expected[0])
+    assert np.array_equal(read_png(tmp_path / 'out' / '000006.png'), expected[1])
+
+    proc = run_cli([f'--net={path}', f'--gnet={path}', '--guidance=2', f'--outdir={tmp_path}/bad'], subprocess_env, repo_root, check=False)
+    assert proc.returncode != 0 and 'guidance' in proc.stderr.lower() and 'Traceback' not in proc.stderr
+
+
+def test_cli_rejects_guidance_without_gnet(tmp_path):
+    result = CliRunner().invoke(generate_images.cli, ['--net=net.pkl', '--guidance=2', f'--outdir={tmp_path}'])
+    assert result.exit_code != 0 and '--gnet' in result.output
+    result = CliRunner().invoke(generate_images.cli, [f'--outdir={tmp_path}'])
+    assert result.exit_code != 0 and '--net' in result.output
+
+
+@pytest.mark.slow
+def test_torchrun_splits_seeds_across_ranks(tmp_path, repo_root, subprocess_env):
+    net = tiny_precond()
+    path = save_pickle(network_pickle(net), tmp_path / 'net.pkl')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate_images.py',
+           f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-6', '--batch=2', '--steps=2', f'--grid={tmp_path}/grid.png']
+    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = collect(net=net, seeds=range(7), num_steps=2)
+    for seed in range(7):
+        assert np.array_equal(read_png(tmp_path / 'out' / f'{seed:06d}.png'), expected[seed])
+    grid = read_png(tmp_path / 'grid.png')
+    assert grid.shape == (3, 3 * 8, 3 * 8)
+    assert np.array_equal(grid[:, 16:24, 0:8], expected[6])
