@@ -1,0 +1,257 @@
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import click
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_edm2
+
+
+def write_image_zip(path, num_images, resolution, labels=None, seed=0):
+    """A dataset ZIP as dataset_tool.py writes it: blocky RGB PNGs plus dataset.json."""
+    rng = np.random.default_rng(seed)
+    names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(num_images)]
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as zf:
+        for name in names:
+            blocks = rng.integers(0, 256, size=[4, 4, 3], dtype=np.uint8)
+            pixels = blocks.repeat(resolution // 4, axis=0).repeat(resolution // 4, axis=1)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format='png', compress_level=0)
+            zf.writestr(name, buf.getvalue())
+        label_list = None if labels is None else [[name, int(label)] for name, label in zip(names, labels)]
+        zf.writestr('dataset.json', json.dumps({'labels': label_list}))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def data16(tmp_path_factory):
+    return write_image_zip(tmp_path_factory.mktemp('data') / 'digits16.zip', 64, 16)
+
+
+def parse_args(args):
+    """Option values exactly as click hands them to the command."""
+    ctx = train_edm2.cmdline.make_context('train_edm2.py', list(args))
+    return {key: value for key, value in ctx.params.items() if key not in ('outdir', 'dry_run')}
+
+
+def config_for(*args):
+    return train_edm2.setup_training_config(**parse_args(['--outdir=unused', *args]))
+
+
+#----------------------------------------------------------------------------
+# Option parsing and configuration (in-process, fast).
+
+@pytest.mark.parametrize('text, expected', [('0', 0), ('2048', 2048), ('3Ki', 3 << 10), ('8Mi', 8 << 20), ('2Gi', 2 << 30)])
+def test_image_count_parsing(text, expected, data16):
+    assert parse_args([f'--data={data16}', '--outdir=x', f'--duration={text}'])['duration'] == expected
+
+
+@pytest.mark.parametrize('text', ['8M', '1.5Ki', '-4', 'Ki', 'lots'])
+def test_image_count_rejects(text, data16):
+    with pytest.raises(click.BadParameter, match="is not an image count"):
+        parse_args([f'--data={data16}', '--outdir=x', f'--duration={text}'])
+
+
+def test_presets_cover_edm2_table():
+    expected = dict(xxs=(2048, 64), xs=(2048, 128), s=(2048, 192), m=(2048, 256), l=(1792, 320), xl=(1280, 384), xxl=(896, 448))
+    for size, (duration_Mi, channels) in expected.items():
+        preset = train_edm2.PRESETS[f'edm2-img512-{size}']
+        assert (preset.duration, preset.channels, preset.batch, preset.decay) == (duration_Mi << 20, channels, 2048, 70000)
+        assert (preset.P_mean, preset.P_std) == (-0.4, 1.0)
+    img64 = train_edm2.PRESETS['edm2-img64-m']
+    assert (img64.duration, img64.channels, img64.lr, img64.dropout, img64.P_mean, img64.P_std, img64.decay) == \
+        (2048 << 20, 256, 0.0090, 0.10, -0.8, 1.6, 35000)
+    assert sorted(name for name in train_edm2.PRESETS if name.startswith('edm2-img64-')) == \
+        ['edm2-img64-' + size for size in sorted(['xs', 's', 'm', 'l', 'xl'])]
+
+
+def test_tiny_preset_config(data16):
+    c = config_for(f'--data={data16}', '--cond=False', '--preset=tiny-img16', '--lr=0.02', '--batch-gpu=16')
+    assert list(c.keys()) == ['dataset_kwargs', 'encoder_kwargs', 'total_nimg', 'batch_size', 'network_kwargs', 'loss_kwargs',
+        'lr_kwargs', 'batch_gpu', 'loss_scaling', 'cudnn_benchmark', 'status_nimg', 'snapshot_nimg', 'checkpoint_nimg', 'seed']
+    assert c.dataset_kwargs == dict(class_name='training.dataset.ImageFolderDataset', path=data16, use_labels=False)
+    assert c.encoder_kwargs.class_name == 'training.encoders.StandardRGBEncoder'
+    assert c.network_kwargs.model_channels == 32 and c.network_kwargs.channel_mult == [1, 2]
+    assert c.lr_kwargs.ref_lr == 0.02 and c.batch_gpu == 16
+    assert c.snapshot_nimg % 1024 == 0 and c.checkpoint_nimg % 1024 == 0 and c.snapshot_nimg % c.batch_size == 0
+
+    from training.networks_edm2 import Precond
+    net = Precond(img_resolution=16, img_channels=3, label_dim=0,
+        **{key: value for key, value in c.network_kwargs.items() if key != 'class_name'})
+    assert 1e5 < sum(p.numel() for p in net.parameters()) < 2e6
+
+
+def test_edm2_preset_defaults_intervals(tmp_path):
+    latents = tmp_path / 'latents'
+    (latents / '00000').mkdir(parents=True)
+    for i in range(2):
+        np.save(latents / '00000' / f'img-mean-std-{i:08d}.npy', np.zeros([8, 64, 64], dtype=np.float32))
+    c = config_for(f'--data={latents}', '--cond=False', '--preset=edm2-img512-xs')
+    assert c.encoder_kwargs.class_name == 'training.encoders.StabilityVAEEncoder'
+    assert (c.total_nimg, c.batch_size, c.network_kwargs.model_channels, c.lr_kwargs.ref_lr) == (2048 << 20, 2048, 128, 0.0120)
+    assert (c.status_nimg, c.snapshot_nimg, c.checkpoint_nimg, c.batch_gpu) == (128 << 10, 8 << 20, 128 << 20, None)
+
+
+@pytest.mark.parametrize('args, option, message', [
+    (['--data={missing}'], '--data', 'does not exist'),
+    (['--data={not_dataset}'], '--data', 'cannot read'),
+    (['--data={data16}', '--preset=tiny-img32'], '--data', "holds 16x16 images, but preset 'tiny-img32' expects 32x32"),
+    (['--data={data16}', '--cond=True'], '--cond', 'has no labels'),
+    (['--data={data16}', '--preset=tiny-img99'], '--preset', "unknown preset 'tiny-img99'"),
+    (['--data={data16}', '--snapshot=1000'], '--snapshot', 'not a multiple of both 1024 and the batch size'),
+    (['--data={data16}', '--duration=1000'], '--duration', 'not a multiple of the batch size (32)'),
+    (['--data={data16}', '--batch-gpu=24'], '--batch-gpu', 'not a multiple of --batch-gpu (24)'),
+])
+def test_config_errors_name_the_option(args, option, message, data16, tmp_path):
+    not_dataset = tmp_path / 'notes.txt'
+    not_dataset.write_text('hello')
+    paths = dict(missing=tmp_path / 'nope.zip', not_dataset=not_dataset, data16=data16)
+    args = [arg.format(**paths) for arg in args]
+    defaults = ['--cond=False', '--preset=tiny-img16']
+    with pytest.raises(click.BadParameter) as info:
+        config_for(*defaults, *args)
+    text = info.value.format_message()
+    assert option in text and message in text
+
+
+#----------------------------------------------------------------------------
+# The script itself, in subprocesses.
+
+def run_train(repo_root, env, *args, timeout=300):
+    cmd = [sys.executable, os.path.join(repo_root, 'train_edm2.py'), *args]
+    return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_dry_run(data16, tmp_path, repo_root, subprocess_env):
+    outdir = tmp_path / 'run'
+    result = run_train(repo_root, subprocess_env, f'--outdir={outdir}', f'--data={data16}', '--cond=False',
+        '--preset=tiny-img16', '--duration=2Ki', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    config_text = result.stdout.split('Training config:\n', 1)[1].split('\n\n', 1)[0]
+    config = json.loads(config_text)
+    assert config['total_nimg'] == 2048 and config['batch_size'] == 32
+    assert config['dataset_kwargs']['path'] == data16
+    assert str(outdir) in result.stdout
+    assert not outdir.exists()
+
+
+def test_cli_error_exit(tmp_path, repo_root, subprocess_env):
+    result = run_train(repo_root, subprocess_env, f'--outdir={tmp_path / "run"}', f'--data={tmp_path / "missing.zip"}')
+    assert result.returncode == 2
+    assert 'Invalid value for --data' in result.stderr and 'does not exist' in result.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+TRAIN_ARGS = ['--cond=False', '--preset=tiny-img16', '--channels=8', '--batch=32', '--status=512', '--snapshot=1Ki',
+    '--checkpoint=1Ki', '--seed=3']
+
+
+@pytest.fixture(scope='module')
+def full_run(data16, tmp_path_factory):
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo_root, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
+    outdir = tmp_path_factory.mktemp('full') / 'run'
+    result = run_train(repo_root, env, f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return outdir
+
+
+def read_stats(run_dir):
+    with open(run_dir / 'stats.jsonl') as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_run_dir_contents(full_run, data16):
+    files = sorted(os.listdir(full_run))
+    assert files == ['log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+        'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
+        'network-snapshot-0000002-0.050.pkl', 'network-snapshot-0000002-0.100.pkl',
+        'stats.jsonl', 'training-state-0000001.pt', 'training-state-0000002.pt', 'training_options.json']
+
+    options = json.loads((full_run / 'training_options.json').read_text())
+    assert options['total_nimg'] == 2048 and options['batch_size'] == 32 and options['seed'] == 3
+
+    log = (full_run / 'log.txt').read_text()
+    status_lines = [line for line in log.splitlines() if line.startswith('Status: ')]
+    assert [line.split()[2] for line in status_lines] == ['0.0', '0.5', '1.0', '1.5', '2.0']
+    assert all(' sec/kimg ' in line and ' cpumem ' in line for line in status_lines)
+
+    stats = read_stats(full_run)
+    assert [entry['Progress/kimg'] for entry in stats] == [0.0, 0.512, 1.024, 1.536, 2.048]
+    assert list(stats[0]) == ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timing/sec_per_kimg',
+        'Timing/maintenance_sec', 'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb',
+        'Resources/peak_gpu_mem_reserved_gb', 'timestamp']
+    assert list(stats[1])[8:] == ['Loss/loss', 'Loss/learning_rate', 'Loss/grad_norm', 'Loss/nan_inf_grad_count', 'timestamp']
+    assert all(np.isfinite(entry['Loss/loss']) for entry in stats[1:])
+    assert stats[-1]['Loss/learning_rate'] > stats[1]['Loss/learning_rate'] > 0  # still warming up
+
+    with open(full_run / 'network-snapshot-0000002-0.100.pkl', 'rb') as f:
+        snapshot = pickle.load(f)
+    assert list(snapshot.keys()) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema']
+    assert snapshot['dataset_kwargs'] == dict(class_name='training.dataset.ImageFolderDataset', path=data16, use_labels=False)
+    assert type(snapshot['loss_fn']).__name__ == 'EDM2Loss' and snapshot['loss_fn'].P_mean == -0.8
+    ema = snapshot['ema']
+    assert not ema.training and all(t.dtype == torch.float16 for t in [*ema.parameters(), *ema.buffers()])
+    assert not any(p.requires_grad for p in ema.parameters())
+
+    state = torch.load(full_run / 'training-state-0000002.pt', weights_only=False)
+    assert list(state.keys()) == ['state', 'net', 'loss_fn', 'optimizer', 'ema']
+    assert state['state']['cur_nimg'] == 2048 and state['state']['total_elapsed_time'] > 0
+    assert state['loss_fn']['P_std'] == 1.6
+    assert all(entry['step'].item() == 64 for entry in state['optimizer']['state'].values())
+    assert state['ema']['stds'] == [0.05, 0.1] and len(state['ema']['emas']) == 2
+    assert all(value.dtype == torch.float32 for value in state['net'].values() if value.is_floating_point())
+
+
+@pytest.mark.slow
+def test_resume_continues_identically(full_run, data16, tmp_path, repo_root, subprocess_env):
+    outdir = tmp_path / 'run'
+    first = run_train(repo_root, subprocess_env, f'--outdir={outdir}', f'--data={data16}', '--duration=1Ki', *TRAIN_ARGS)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == ['training-state-0000001.pt']
+    second = run_train(repo_root, subprocess_env, f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert 'training-state-0000001.pt' in second.stdout
+
+    resumed = torch.load(outdir / 'training-state-0000002.pt', weights_only=False)
+    straight = torch.load(full_run / 'training-state-0000002.pt', weights_only=False)
+    assert resumed['state']['cur_nimg'] == straight['state']['cur_nimg'] == 2048
+    for name, value in straight['net'].items():
+        assert torch.equal(resumed['net'][name], value), name
+    for ema_resumed, ema_straight in zip(resumed['ema']['emas'], straight['ema']['emas']):
+        assert all(torch.equal(ema_resumed[name], value) for name, value in ema_straight.items())
+    for index, slots in straight['optimizer']['state'].items():
+        assert all(torch.equal(resumed['optimizer']['state'][index][key], value) for key, value in slots.items())
+
+    # The resumed session adds no status at its starting point and repeats the loss sequence.
+    stats_resumed, stats_straight = read_stats(outdir), read_stats(full_run)
+    assert [entry['Progress/kimg'] for entry in stats_resumed] == [0.0, 0.512, 1.024, 1.536, 2.048]
+    assert [entry['Loss/loss'] for entry in stats_resumed[1:]] == [entry['Loss/loss'] for entry in stats_straight[1:]]
+    log = (outdir / 'log.txt').read_text()  # appended to, not overwritten
+    assert log.count('Training from ') == 2
+    assert [line.split()[2] for line in log.splitlines() if line.startswith('Status: ')] == ['0.0', '0.5', '1.0', '1.5', '2.0']
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes(data16, tmp_path, repo_root, subprocess_env):
+    outdir = tmp_path / 'run'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+        os.path.join(repo_root, 'train_edm2.py'), f'--outdir={outdir}', f'--data={data16}', '--cond=False',
+        '--preset=tiny-img16', '--channels=8', '--batch=32', '--batch-gpu=8', '--duration=256', '--status=128',
+        '--snapshot=0', '--checkpoint=1Ki']
+    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    state = torch.load(outdir / 'training-state-0000000.pt', weights_only=False)
+    assert state['state']['cur_nimg'] == 256
+    assert all(entry['step'].item() == 8 for entry in state['optimizer']['state'].values())
+    log = (outdir / 'log.txt').read_text()
+    assert log.count('Status: ') == 3  # one writer: rank 0

@@ -1,0 +1,232 @@
+"""Train an EDM2 diffusion model (ImageNet-size presets, or tiny ones that train on a CPU).
+
+Run as a single process, or with several via `torchrun --standalone --nproc_per_node=N train_edm2.py ...`.
+Running the same command again resumes from the newest training state in --outdir.
+"""
+
+import json
+import math
+import os
+import re
+
+import click
+import torch
+
+import dnnlib
+from torch_utils import distributed as dist
+from training import training_loop
+
+#----------------------------------------------------------------------------
+# Presets. `resolution` is that of the dataset the preset expects: the img512 models train
+# on 64x64x8 VAE latents of 512x512 images, everything else on RGB pixels.
+
+def _edm2_presets(family, P_mean, P_std, decay, resolution, sizes):
+    return {f'edm2-{family}-{size}': dnnlib.EasyDict(duration=duration_Mi << 20, batch=2048, channels=channels,
+                lr=lr, decay=decay, dropout=dropout, P_mean=P_mean, P_std=P_std, resolution=resolution)
+            for size, (duration_Mi, channels, lr, dropout) in sizes.items()}
+
+# size: (duration in Mi images, model channels, reference learning rate, dropout)
+PRESETS = {
+    **_edm2_presets('img512', P_mean=-0.4, P_std=1.0, decay=70000, resolution=64, sizes=dict(
+        xxs=(2048, 64, 0.0170, 0.00), xs=(2048, 128, 0.0120, 0.00), s=(2048, 192, 0.0100, 0.00),
+        m=(2048, 256, 0.0090, 0.10), l=(1792, 320, 0.0080, 0.10), xl=(1280, 384, 0.0070, 0.10),
+        xxl=(896, 448, 0.0065, 0.10))),
+    **_edm2_presets('img64', P_mean=-0.8, P_std=1.6, decay=35000, resolution=64, sizes=dict(
+        xs=(1024, 128, 0.0120, 0.00), s=(1024, 192, 0.0100, 0.00), m=(2048, 256, 0.0090, 0.10),
+        l=(1024, 320, 0.0080, 0.10), xl=(640, 384, 0.0070, 0.10))),
+}
+
+# Small models for CPU experiments and tests: 1024 optimizer steps, minutes on a few cores.
+_tiny_common = dict(duration=32 << 10, batch=32, channels=32, lr=0.0100, decay=500, dropout=0.00, P_mean=-0.8,
+    P_std=1.6, rampup_Mimg=0.004, status=1 << 10, snapshot=8 << 10, checkpoint=16 << 10)
+PRESETS['tiny-img16'] = dnnlib.EasyDict(_tiny_common, resolution=16, unet_kwargs=dict(channel_mult=[1, 2], num_blocks=1))
+PRESETS['tiny-img32'] = dnnlib.EasyDict(_tiny_common, resolution=32, unet_kwargs=dict(channel_mult=[1, 2, 2], num_blocks=1))
+
+# Used where neither the command line nor the preset sets an interval.
+DEFAULT_INTERVALS = dict(status=128 << 10, snapshot=8 << 20, checkpoint=128 << 20)
+
+#----------------------------------------------------------------------------
+
+class ImageCount(click.ParamType):
+    """A number of images: an integer, optionally with a binary suffix Ki, Mi or Gi (e.g. 128Ki)."""
+    name = 'NIMG'
+    _shifts = {'': 0, 'Ki': 10, 'Mi': 20, 'Gi': 30}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r'(\d+)(Ki|Mi|Gi)?', str(value).strip())
+        if match is None:
+            self.fail(f'{value!r} is not an image count; expected an integer optionally followed by Ki, Mi or Gi, '
+                'e.g. 4096, 128Ki or 8Mi', param, ctx)
+        return int(match.group(1)) << self._shifts[match.group(2) or '']
+
+
+def _open_dataset(dataset_kwargs):
+    path = dataset_kwargs.path
+    if not os.path.exists(path):
+        raise click.BadParameter(f'{path!r} does not exist; expected a dataset ZIP or folder from dataset_tool.py',
+            param_hint='--data')
+    try:
+        return dnnlib.util.construct_class_by_name(**dataset_kwargs)
+    except Exception as err:
+        raise click.BadParameter(f'cannot read {path!r} as a dataset ZIP or folder of images ({err})',
+            param_hint='--data') from err
+
+
+def _encoder_for(dataset, path):
+    if dataset.num_channels == 3:
+        return dnnlib.EasyDict(class_name='training.encoders.StandardRGBEncoder')
+    if dataset.num_channels == 8:
+        return dnnlib.EasyDict(class_name='training.encoders.StabilityVAEEncoder')
+    raise click.BadParameter(f'{path!r} has {dataset.num_channels}-channel images; expected 3 (RGB pixels) '
+        'or 8 (VAE latents from dataset_tool.py encode)', param_hint='--data')
+
+
+def _require_multiple(option, value, divisor, divisor_desc):
+    if value % divisor != 0:
+        raise click.BadParameter(f'{value} images is not a multiple of {divisor_desc}', param_hint=option)
+
+
+def _check_schedule(c, world_size):
+    batch = c.batch_size
+    _require_multiple('--batch', batch, world_size, f'the number of processes ({world_size})')
+    per_process = batch // world_size
+    batch_gpu = min(c.batch_gpu or per_process, per_process)
+    _require_multiple(['--batch', '--batch-gpu'], per_process, batch_gpu,
+        f'--batch-gpu ({batch_gpu}) per process ({world_size} process(es))')
+    _require_multiple('--duration', c.total_nimg, batch, f'the batch size ({batch})')
+    _require_multiple('--status', c.status_nimg, batch, f'the batch size ({batch})')
+    for option, value in [('--snapshot', c.snapshot_nimg), ('--checkpoint', c.checkpoint_nimg)]:
+        _require_multiple(option, value, math.lcm(batch, 1024), f'both 1024 and the batch size ({batch})')
+
+
+def setup_training_config(preset='edm2-img512-s', **opts):
+    """Build the training_loop() keyword arguments from command-line options and a preset."""
+    opts = dnnlib.EasyDict(opts)
+    if preset not in PRESETS:
+        raise click.BadParameter(f'unknown preset {preset!r}; expected one of {", ".join(PRESETS)}', param_hint='--preset')
+    for key, value in PRESETS[preset].items():
+        if opts.get(key) is None:
+            opts[key] = value
+    for key, value in DEFAULT_INTERVALS.items():
+        if opts.get(key) is None:
+            opts[key] = value
+
+    c = dnnlib.EasyDict()
+    c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)
+    dataset = _open_dataset(c.dataset_kwargs)
+    if opts.cond and not dataset.has_labels:
+        raise click.BadParameter(f'{opts.data!r} has no labels (no dataset.json labels); '
+            'train unconditionally with --cond=False', param_hint='--cond')
+    if dataset.resolution != opts.resolution:
+        raise click.BadParameter(f'{opts.data!r} holds {dataset.resolution}x{dataset.resolution} images, but preset '
+            f'{preset!r} expects {opts.resolution}x{opts.resolution}', param_hint='--data')
+
+    c.encoder_kwargs = _encoder_for(dataset, opts.data)
+    c.total_nimg = opts.duration
+    c.batch_size = opts.batch
+    c.network_kwargs = dnnlib.EasyDict(class_name='training.networks_edm2.Precond', model_channels=opts.channels,
+        dropout=opts.dropout, use_fp16=opts.fp16, **opts.get('unet_kwargs', {}))
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.training_loop.EDM2Loss', P_mean=opts.P_mean, P_std=opts.P_std)
+    c.lr_kwargs = dnnlib.EasyDict(func_name='training.training_loop.learning_rate_schedule', ref_lr=opts.lr,
+        ref_batches=opts.decay)
+    if 'rampup_Mimg' in opts:
+        c.lr_kwargs.rampup_Mimg = opts.rampup_Mimg
+    c.batch_gpu = opts.batch_gpu or None
+    c.loss_scaling = opts.ls
+    c.cudnn_benchmark = opts.bench
+    c.status_nimg = opts.status
+    c.snapshot_nimg = opts.snapshot
+    c.checkpoint_nimg = opts.checkpoint
+    c.seed = opts.seed
+    _check_schedule(c, dist.get_world_size())
+    return c
+
+
+def print_training_config(run_dir, c):
+    dist.print0()
+    dist.print0('Training config:')
+    dist.print0(json.dumps(c, indent=2))
+    dist.print0()
+    device = training_loop.default_device()
+    summary = [
+        ('Run directory', run_dir),
+        ('Dataset', c.dataset_kwargs.path),
+        ('Class-conditional', c.dataset_kwargs.use_labels),
+        ('Processes', f'{dist.get_world_size()} on {device.type}'),
+        ('Batch size', f'{c.batch_size} images'),
+        ('Duration', f'{c.total_nimg} images'),
+        ('Mixed precision', c.network_kwargs.use_fp16 and device.type == 'cuda'),
+    ]
+    for label, value in summary:
+        dist.print0(f'{label + ":":<20s}{value}')
+    dist.print0()
+
+
+def launch_training(run_dir, c):
+    """Create (or reuse) the run directory, log to run_dir/log.txt and train; rerunning resumes."""
+    if dist.get_rank() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        options_path = os.path.join(run_dir, 'training_options.json')
+        if not os.path.isfile(options_path):
+            with open(options_path, 'wt') as f:
+                json.dump(c, f, indent=2)
+    torch.distributed.barrier()
+    if dist.get_rank() == 0:
+        dnnlib.util.Logger(file_name=os.path.join(run_dir, 'log.txt'), file_mode='a', should_flush=True)
+    training_loop.training_loop(run_dir=run_dir, **c)
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--outdir', help='Run directory; rerunning with the same one resumes', metavar='DIR', type=str, required=True)
+@click.option('--data', help='Dataset ZIP or folder (from dataset_tool.py)', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--cond', help='Condition on the dataset labels', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--preset', help=f'Configuration preset: {", ".join(PRESETS)}', metavar='STR', type=str,
+    default='edm2-img512-s', show_default=True)
+@click.option('--duration', help='Images to train for [default: preset]', metavar='NIMG', type=ImageCount())
+@click.option('--batch', help='Images per optimizer step [default: preset]', metavar='NIMG', type=ImageCount())
+@click.option('--channels', help='Base channel count of the UNet [default: preset]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--dropout', help='Dropout probability [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--P_mean', 'P_mean', help='Mean of log(sigma) during training [default: preset]', metavar='FLOAT', type=float)
+@click.option('--P_std', 'P_std', help='Std of log(sigma) during training [default: preset]', metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True))
+@click.option('--lr', help='Reference learning rate [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--decay', help='Optimizer steps before the learning rate starts to decay [default: preset]', metavar='BATCHES',
+    type=click.FloatRange(min=0))
+@click.option('--batch-gpu', help='Images per process per forward pass (0 = whole per-process batch)', metavar='NIMG',
+    type=ImageCount(), default=0, show_default=True)
+@click.option('--fp16', help='Run the network in float16 where supported (CUDA)', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--ls', help='Loss scaling factor', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench', help='Let cuDNN benchmark convolution algorithms', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--status', help='Status line interval, 0 = off [default: preset, else 128Ki]', metavar='NIMG', type=ImageCount())
+@click.option('--snapshot', help='Network snapshot interval, 0 = off [default: preset, else 8Mi]', metavar='NIMG', type=ImageCount())
+@click.option('--checkpoint', help='Training state interval, 0 = off [default: preset, else 128Mi]', metavar='NIMG', type=ImageCount())
+@click.option('--seed', help='Random seed', metavar='INT', type=int, default=0, show_default=True)
+@click.option('-n', '--dry-run', help='Show the configuration and exit without training', is_flag=True)
+def cmdline(outdir, dry_run, **opts):
+    """Train an EDM2 model.
+
+    \b
+    Example, on one CPU or GPU:
+      python train_edm2.py --outdir=runs/tiny --data=datasets/digits16.zip --cond=False --preset=tiny-img16
+    Example, on 8 GPUs:
+      torchrun --standalone --nproc_per_node=8 train_edm2.py --outdir=runs/img512-s \\
+          --data=datasets/img512-sd.zip --preset=edm2-img512-s --batch-gpu=32
+    """
+    torch.multiprocessing.set_start_method('spawn')
+    dist.init()
+    c = setup_training_config(**opts)
+    print_training_config(outdir, c)
+    if dry_run:
+        dist.print0('Dry run; exiting.')
+        return
+    launch_training(outdir, c)
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    cmdline()
+
+#----------------------------------------------------------------------------
