@@ -14,6 +14,7 @@ import torch
 
 import dnnlib
 from torch_utils import distributed as dist
+from training import distill
 from training import training_loop
 
 #----------------------------------------------------------------------------
@@ -41,6 +42,25 @@ _tiny_common = dict(duration=32 << 10, batch=32, channels=32, lr=0.0100, decay=5
     P_std=1.6, rampup_Mimg=0.004, status=1 << 10, snapshot=8 << 10, checkpoint=16 << 10)
 PRESETS['tiny-img16'] = dnnlib.EasyDict(_tiny_common, resolution=16, unet_kwargs=dict(channel_mult=[1, 2], num_blocks=1))
 PRESETS['tiny-img32'] = dnnlib.EasyDict(_tiny_common, resolution=32, unet_kwargs=dict(channel_mult=[1, 2, 2], num_blocks=1))
+
+# Consistency distillation (--teacher). CD presets set the schedule of the distillation run; the
+# student's architecture always comes from the teacher. lr = the reference rate for --cd_lr.
+_cd_presets = [
+    # 4-step student of a tiny-img16 teacher on a CPU.
+    ('cd-tiny-img16', dict(resolution=16, duration=16 << 10, batch=32, lr=0.002, decay=0, rampup_Mimg=0.001,
+        S=4, T_start=16, T_end=64, T_anneal_kimg=8, status=1 << 10, snapshot=4 << 10, checkpoint=8 << 10)),
+    # Starting points for the EDM2 sizes people distil (half the run anneals T, spec defaults otherwise).
+    ('cd-edm2-img64-s', dict(resolution=64, duration=128 << 20, batch=2048, lr=0.001, decay=0, rampup_Mimg=1,
+        T_anneal_kimg=67109)),
+    ('cd-edm2-img512-s', dict(resolution=64, duration=128 << 20, batch=2048, lr=0.001, decay=0, rampup_Mimg=1,
+        T_anneal_kimg=67109)),
+]
+PRESETS.update({name: dnnlib.EasyDict(values) for name, values in _cd_presets})
+
+# Defaults of the CD options where neither the command line nor a CD preset sets them (MSCD-SPEC §12).
+CD_DEFAULTS = dict(S=8, T_start=256, T_end=1024, T_anneal_kimg=750, rho=7.0, sigma_min=0.002, sigma_max=80.0,
+    cd_loss='pseudo_huber', cd_weight_mode='sqrt_karras', sampling_mode='vp', sync_dropout=True,
+    terminal_anchor=True, terminal_teacher_hop=False, cd_P_mean=-1.2, cd_P_std=1.2, cd_dropout=0.0)
 
 # Used where neither the command line nor the preset sets an interval.
 DEFAULT_INTERVALS = dict(status=128 << 10, snapshot=8 << 20, checkpoint=128 << 20)
@@ -106,6 +126,13 @@ def setup_training_config(preset='edm2-img512-s', **opts):
     opts = dnnlib.EasyDict(opts)
     if preset not in PRESETS:
         raise click.BadParameter(f'unknown preset {preset!r}; expected one of {", ".join(PRESETS)}', param_hint='--preset')
+    is_cd_preset = preset.startswith('cd-')
+    if is_cd_preset and opts.get('teacher') is None:
+        raise click.BadParameter(f'preset {preset!r} distils a teacher; give the teacher pickle with --teacher',
+            param_hint='--preset')
+    if opts.get('teacher') is not None and not is_cd_preset and opts.duration is None:
+        raise click.BadParameter(f'distillation with the pre-training preset {preset!r} needs an explicit --duration '
+            '(or use a cd-* preset)', param_hint='--duration')
     for key, value in PRESETS[preset].items():
         if opts.get(key) is None:
             opts[key] = value
@@ -140,8 +167,42 @@ def setup_training_config(preset='edm2-img512-s', **opts):
     c.snapshot_nimg = opts.snapshot
     c.checkpoint_nimg = opts.checkpoint
     c.seed = opts.seed
+    if opts.get('teacher') is not None:
+        _setup_distillation(c, opts, is_cd_preset)
     _check_schedule(c, dist.get_world_size())
     return c
+
+
+def _setup_distillation(c, opts, is_cd_preset):
+    """Turn the config into a consistency-distillation run of a student seeded from --teacher."""
+    for key, value in CD_DEFAULTS.items():
+        if opts.get(key) is None:
+            opts[key] = value
+    if opts.T_start < opts.S:
+        raise click.BadParameter(f'{opts.T_start} teacher edges cannot cover {opts.S} student steps; '
+            f'expected --T_start >= --S (2x recommended)', param_hint='--T_start')
+    try:
+        teacher, _ = distill.load_teacher_pickle(opts.teacher)
+        c.network_kwargs = distill.teacher_network_kwargs(teacher)
+    except distill.TeacherError as err:
+        raise click.BadParameter(str(err), param_hint='--teacher') from err
+    c.network_kwargs.update(dropout=opts.cd_dropout, use_fp16=opts.fp16)
+    if opts.dout_resolutions is not None:
+        c.network_kwargs.dout_resolutions = opts.dout_resolutions
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss_cd.EDMConsistencyDistillLoss', teacher_net=None,
+        S=opts.S, T_start=opts.T_start, T_end=opts.T_end, T_anneal_kimg=opts.T_anneal_kimg, rho=opts.rho,
+        sigma_min=opts.sigma_min, sigma_max=opts.sigma_max, loss_type=opts.cd_loss, weight_mode=opts.cd_weight_mode,
+        sampling_mode=opts.sampling_mode, sync_dropout=opts.sync_dropout, terminal_anchor=opts.terminal_anchor,
+        terminal_teacher_hop=opts.terminal_teacher_hop, P_mean=opts.cd_P_mean, P_std=opts.cd_P_std)
+    if opts.cd_lr is None and not is_cd_preset:
+        dist.print0(f'Warning: no --cd_lr; distilling with the from-scratch learning rate {opts.lr} of the preset, '
+            'which is aggressive for a teacher-seeded student')
+    c.lr_kwargs.ref_lr = opts.cd_lr if opts.cd_lr is not None else opts.lr
+    c.lr_kwargs.ref_batches = opts.cd_decay if opts.cd_decay is not None else opts.decay
+    c.frozen_params = ['logvar_linear']   # the logvar head gets no gradient in CD, which DDP would reject
+    c.ddp_kwargs = dnnlib.EasyDict(broadcast_buffers=False, gradient_as_bucket_view=True,
+        find_unused_parameters=False, bucket_cap_mb=100)
+    c.teacher_pkl = opts.teacher
 
 
 def print_training_config(run_dir, c):
@@ -204,6 +265,35 @@ def launch_training(run_dir, c):
 @click.option('--snapshot', help='Network snapshot interval, 0 = off [default: preset, else 8Mi]', metavar='NIMG', type=ImageCount())
 @click.option('--checkpoint', help='Training state interval, 0 = off [default: preset, else 128Mi]', metavar='NIMG', type=ImageCount())
 @click.option('--seed', help='Random seed', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--teacher', help='Distil this EDM2 network pickle (path or URL) into a consistency student', metavar='PKL|URL', type=str)
+@click.option('--S', 'S', help='CD: student sampling steps [default: 8]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--T_start', 'T_start', help='CD: teacher ODE edges (Heun hops) at the start [default: 256]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--T_end', 'T_end', help='CD: teacher ODE edges at the end of the anneal [default: 1024]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--T_anneal_kimg', 'T_anneal_kimg', help='CD: thousands of images over which T grows log-linearly [default: 750]',
+    metavar='KIMG', type=click.FloatRange(min=0))
+@click.option('--rho', help='CD: Karras grid exponent [default: 7]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_min', help='CD: lowest noise level of the grids [default: 0.002]', metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', help='CD: highest noise level of the grids [default: 80]', metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True))
+@click.option('--cd_loss', help='CD: distance [default: pseudo_huber]', type=click.Choice(['pseudo_huber', 'huber', 'l2', 'l2_root']))
+@click.option('--cd_weight_mode', help='CD: per-sample weight of sigma_t [default: sqrt_karras]', type=click.Choice(
+    ['sqrt_karras', 'edm', 'karras', 'snr', 'snr+1', 'vlike', 'truncated-snr', 'flat', 'uniform']))
+@click.option('--sampling_mode', help='CD: how teacher edges are drawn (vp, edm: importance weights; uniform: per segment) [default: vp]',
+    type=click.Choice(['vp', 'edm', 'uniform']))
+@click.option('--cd_P_mean', 'cd_P_mean', help='CD: log-normal mean for --sampling_mode=edm [default: -1.2]', metavar='FLOAT', type=float)
+@click.option('--cd_P_std', 'cd_P_std', help='CD: log-normal std for --sampling_mode=edm [default: 1.2]', metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True))
+@click.option('--sync_dropout/--no_sync_dropout', help='CD: same dropout mask for prediction and target [default: on]', default=None)
+@click.option('--terminal_anchor/--no_terminal_anchor', help='CD: draw the sigma_min->0 edge with probability 1/T [default: on]', default=None)
+@click.option('--terminal_teacher_hop/--no_terminal_teacher_hop', help='CD: terminal target is the teacher denoising at sigma_min instead of the data [default: off]', default=None)
+@click.option('--cd_dropout', help='CD: student dropout [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--dout_resolutions', help='CD: resolutions where dropout applies, e.g. 16,8 [default: all]', metavar='LIST',
+    callback=lambda ctx, param, value: None if value is None else [int(v) for v in value.split(',')])
+@click.option('--cd_lr', help='CD: reference learning rate [default: CD preset, else the preset lr]', metavar='FLOAT',
+    type=click.FloatRange(min=0, min_open=True))
+@click.option('--cd_decay', help='CD: batches before inverse-sqrt decay, 0 = constant [default: CD preset, else preset decay]',
+    metavar='BATCHES', type=click.FloatRange(min=0))
 @click.option('-n', '--dry-run', help='Show the configuration and exit without training', is_flag=True)
 def cmdline(outdir, dry_run, **opts):
     """Train an EDM2 model.

@@ -19,10 +19,13 @@ from torch_utils import persistence
 
 TOY_SOURCE = textwrap.dedent('''
     import numpy as np
+    import psutil
     import torch
     import dnnlib
+    from torch_utils import distributed as dist
     from torch_utils import misc
     from torch_utils import persistence
+    from torch_utils import training_stats
 
     @persistence.persistent_class
     class Affine(torch.nn.Module):

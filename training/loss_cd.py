@@ -422,10 +422,9 @@ class EDMConsistencyDistillLoss:
         training_stats.report('CD/gain_mean', gain)
         training_stats.report('CD/gain_max', gain.max())
         training_stats.report('CD/l2_error_all', l2_error)
-        for name in _EDGE_CLASSES:
+        for name in _EDGE_CLASSES:  # an empty class reports no values, but every rank must register the same names
             training_stats.report(f'CD/frac_{name}', counts[name] / batch_size)
-            if counts[name]:
-                training_stats.report(f'CD/gain_{name}_mean', gain[rows[name]])
-                training_stats.report(f'CD/l2_error_{name}', l2_error[rows[name]])
+            training_stats.report(f'CD/gain_{name}_mean', gain[rows[name]])
+            training_stats.report(f'CD/l2_error_{name}', l2_error[rows[name]])
 
 #----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ distillation) reuse it unchanged.
 """
 
 import copy
+import functools
 import os
 import pickle
 import time
@@ -19,6 +20,7 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
+from training import distill
 
 #----------------------------------------------------------------------------
 # Loss of EDM2 (Karras et al. 2024, Eq. 21): log-normal noise levels and a learned
@@ -191,6 +193,18 @@ def _configure_torch_backends(cudnn_benchmark):
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
+def _setup_teacher(teacher_pkl, dataset, encoder, loss_fn, device):
+    """Load and check the frozen teacher, give it to the loss; return the student seeding function
+    and the snapshot metadata."""
+    dist.print0(f'Loading teacher from {teacher_pkl}...')
+    teacher, teacher_encoder = distill.load_teacher_pickle(teacher_pkl)
+    image, label = dataset[0]
+    latent = encoder.encode_latents(torch.as_tensor(image).to(device).unsqueeze(0))
+    distill.check_teacher(teacher, teacher_encoder, encoder, latent.shape, label.shape[-1])
+    loss_fn.attach_teacher(teacher.to(device))
+    return functools.partial(distill.seed_student_from_teacher, teacher=teacher), distill.snapshot_metadata(loss_fn, teacher_pkl)
+
+
 def _build_network(dataset, encoder, network_kwargs, device, init_net_fn, frozen_params):
     image, label = dataset[0]
     latent = encoder.encode_latents(torch.as_tensor(image).to(device).unsqueeze(0))
@@ -237,7 +251,7 @@ def training_loop(
     run_dir='.', seed=0, batch_size=2048, batch_gpu=None,
     total_nimg=8 << 30, slice_nimg=None, status_nimg=128 << 10, snapshot_nimg=8 << 20, checkpoint_nimg=128 << 20,
     loss_scaling=1, force_finite=True, cudnn_benchmark=True, device=None,
-    init_net_fn=None, frozen_params=(), ddp_kwargs={}, cd_metadata=None,
+    init_net_fn=None, frozen_params=(), ddp_kwargs={}, cd_metadata=None, teacher_pkl=None,
 ):
     """Train `network_kwargs` on `dataset_kwargs` with `loss_kwargs`, resuming from the newest
     training-state-*.pt in `run_dir`.
@@ -250,7 +264,9 @@ def training_loop(
     Hooks for other objectives: `init_net_fn(net)` initialises the fresh network (e.g. from a
     teacher); `frozen_params` lists parameter-name prefixes to exclude from training; `ddp_kwargs`
     go to DistributedDataParallel; a `cd_metadata` dict is stored under 'cd' in snapshots, which
-    then omit the loss object.
+    then omit the loss object. `teacher_pkl` (path or URL of a network pickle) turns on consistency
+    distillation: the teacher is loaded (also on resume), checked against the data, attached to the
+    loss and copied into the fresh student; snapshots get the student's 'cd' metadata.
     """
     device = default_device() if device is None else torch.device(device)
     data_loader_kwargs = default_data_loader_kwargs(device) if data_loader_kwargs is None else data_loader_kwargs
@@ -268,6 +284,8 @@ def training_loop(
     encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
     encoder.init(device)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    if teacher_pkl is not None:
+        init_net_fn, cd_metadata = _setup_teacher(teacher_pkl, dataset, encoder, loss_fn, device)
 
     dist.print0('Constructing network...')
     net = _build_network(dataset, encoder, network_kwargs, device, init_net_fn, frozen_params)

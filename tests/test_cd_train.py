@@ -1,0 +1,196 @@
+"""Consistency distillation through the command lines: train_edm2.py --teacher, resume, DDP, sampling."""
+
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import dnnlib
+from torch_utils import misc
+from training import consistency_ops, distill
+from training.encoders import StandardRGBEncoder
+from training.loss_cd import EDMConsistencyDistillLoss
+from training.networks_edm2 import Precond
+
+TINY_ARCH = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+
+
+def make_teacher(path, resolution=16, label_dim=10, seed=0):
+    torch.manual_seed(seed)
+    net = Precond(resolution, 3, label_dim=label_dim, **TINY_ARCH).eval().requires_grad_(False)
+    with open(path, 'wb') as f:
+        pickle.dump(dict(ema=net, encoder=StandardRGBEncoder(), dataset_kwargs=dnnlib.EasyDict(path='teacher-data')), f)
+    return net
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cd')
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), OMP_NUM_THREADS='1',
+        CUDA_VISIBLE_DEVICES='')
+    subprocess.run([sys.executable, 'dataset_tool.py', 'convert', '--source=sklearn-digits', f'--dest={root / "d16.zip"}',
+        '--resolution=16x16', '--max-images=128'], cwd=env['PYTHONPATH'], env=env, check=True, capture_output=True)
+    make_teacher(root / 'teacher.pkl')
+    return root, env
+
+
+def train(workdir, outdir, *extra, teacher=None, check=True):
+    root, env = workdir
+    teacher = str(root / 'teacher.pkl') if teacher is None else str(teacher)
+    cmd = [sys.executable, 'train_edm2.py', f'--outdir={outdir}', f'--data={root / "d16.zip"}', '--preset=cd-tiny-img16',
+        f'--teacher={teacher}', '--batch=16', '--status=256', '--snapshot=1024', '--checkpoint=1024', *extra]
+    result = subprocess.run(cmd, cwd=env['PYTHONPATH'], env=env, capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def modules_in(obj, seen=None):
+    """Every torch module reachable from a nested pickle payload."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    if isinstance(obj, dict):
+        return [m for v in obj.values() for m in modules_in(v, seen)]
+    if isinstance(obj, (list, tuple)):
+        return [m for v in obj for m in modules_in(v, seen)]
+    return modules_in(vars(obj), seen) if hasattr(obj, '__dict__') else []
+
+#----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_distil_then_sample(workdir):
+    root, env = workdir
+    run = root / 'run'
+    train(workdir, run, '--duration=1024')
+    stats = [json.loads(line) for line in open(run / 'stats.jsonl')]
+    losses = [s['Loss/loss'] for s in stats if 'Loss/loss' in s]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+
+    snapshot = run / 'network-snapshot-0000001-0.100.pkl'
+    with open(snapshot, 'rb') as f:
+        data = pickle.load(f)
+    assert set(data.keys()) == {'ema', 'encoder', 'dataset_kwargs', 'cd'}
+    assert data['cd']['S'] == 4 and len(data['cd']['student_sigmas']) == 5
+    assert len([m for m in modules_in(data) if hasattr(m, 'sigma_data')]) == 1  # the student EMA, no teacher
+    assert b'loss_cd' not in open(snapshot, 'rb').read()
+    state = torch.load(run / 'training-state-0000001.pt', weights_only=False)
+    assert 'teacher_net' not in state['loss_fn'] and not modules_in(state['loss_fn'])
+
+    outdir = root / 'images'
+    result = subprocess.run([sys.executable, 'generate_images.py', f'--net={snapshot}', f'--outdir={outdir}',
+        '--seeds=0-3', f'--grid={root / "grid.png"}'], cwd=env['PYTHONPATH'], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(outdir)) == [f'{seed:06d}.png' for seed in range(4)]
+    assert (root / 'grid.png').is_file()
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(workdir):
+    root, _ = workdir
+    train(workdir, root / 'straight', '--duration=2048')
+    train(workdir, root / 'resumed', '--duration=1024')
+    train(workdir, root / 'resumed', '--duration=2048')
+    a = torch.load(root / 'straight' / 'training-state-0000002.pt', weights_only=False)
+    b = torch.load(root / 'resumed' / 'training-state-0000002.pt', weights_only=False)
+    assert a['state']['cur_nimg'] == b['state']['cur_nimg'] == 2048
+    for name in a['net']:
+        assert torch.equal(a['net'][name], b['net'][name]), name
+    assert a['loss_fn'] == b['loss_fn']
+    for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+
+    # The teacher is re-read on resume; without it the run stops with a message naming the path.
+    moved = shutil.copy(root / 'teacher.pkl', root / 'teacher-moved.pkl')
+    result = train(workdir, root / 'resumed', '--duration=3072', teacher=root / 'gone.pkl', check=False)
+    assert result.returncode != 0 and 'gone.pkl does not exist' in result.stdout + result.stderr
+    os.remove(moved)
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_cd_settings(workdir):
+    root, _ = workdir
+    train(workdir, root / 'changed', '--duration=1024')
+    result = train(workdir, root / 'changed', '--duration=2048', '--S=2', check=False)
+    assert result.returncode != 0 and 'S: checkpoint 4, now 2' in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_mismatched_teacher_is_refused(workdir):
+    root, _ = workdir
+    make_teacher(root / 'teacher8.pkl', resolution=8)
+    result = train(workdir, root / 'bad', '--duration=1024', teacher=root / 'teacher8.pkl', check=False)
+    assert result.returncode != 0 and 'resolution: teacher 8, data 16' in result.stdout + result.stderr
+
+
+def test_check_teacher_reports_each_mismatch():
+    teacher = Precond(16, 3, label_dim=10, **TINY_ARCH)
+    distill.check_teacher(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 3, 16, 16), 10)
+    with pytest.raises(distill.TeacherError) as err:
+        distill.check_teacher(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 4, 8, 8), 0)
+    for fragment in ['resolution: teacher 16, data 8', 'channels: teacher 3', 'label dimension: teacher 10, data 0']:
+        assert fragment in str(err.value)
+
+
+def test_student_seeding_is_exact_or_refused():
+    torch.manual_seed(1)
+    teacher = Precond(16, 3, label_dim=10, **TINY_ARCH)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_()
+    student = Precond(16, 3, label_dim=10, **TINY_ARCH)
+    distill.seed_student_from_teacher(student, teacher)
+    for (name, a), (_, b) in zip(misc.named_params_and_buffers(teacher), misc.named_params_and_buffers(student)):
+        assert torch.equal(a, b), name
+
+    other = Precond(16, 3, label_dim=10, **dict(TINY_ARCH, model_channels=24))
+    before = [t.clone() for t in other.parameters()]
+    with pytest.raises(distill.TeacherError, match='shape mismatches'):
+        distill.seed_student_from_teacher(other, teacher)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
+
+
+def test_dry_run_prints_cd_configuration(workdir):
+    root, env = workdir
+    result = train(workdir, root / 'dry', '--dry-run', '--S=2', '--T_start=4', '--T_end=8')
+    config = json.loads(result.stdout.split('Training config:')[1].split('\n\n')[0])
+    assert config['loss_kwargs']['class_name'] == 'training.loss_cd.EDMConsistencyDistillLoss'
+    assert (config['loss_kwargs']['S'], config['loss_kwargs']['T_start'], config['loss_kwargs']['T_end']) == (2, 4, 8)
+    assert config['network_kwargs']['model_channels'] == 16 and config['teacher_pkl'].endswith('teacher.pkl')
+    assert not (root / 'dry').exists()
+
+
+def test_edges_differ_across_ranks():
+    loss = EDMConsistencyDistillLoss(None, S=4, T_start=64, T_end=64)
+    grids = loss.grids(64)
+    draws = []
+    for rank in range(2):
+        misc.set_random_seed(0, rank, 0)   # the training loop's per-step seed on each rank
+        edges = consistency_ops.sample_segment_and_teacher_pair(grids.bounds, grids.teacher, grids.student, 32,
+            torch.device('cpu'), terminal_k=grids.terminal_k)
+        draws.append(edges['k_t'])
+    assert not torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.slow
+def test_ddp_distillation_keeps_ranks_identical(workdir):
+    root, env = workdir
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_edm2.py',
+        f'--outdir={root / "ddp"}', f'--data={root / "d16.zip"}', '--preset=cd-tiny-img16',
+        f'--teacher={root / "teacher.pkl"}', '--batch=16', '--duration=1024', '--status=512', '--snapshot=1024',
+        '--checkpoint=1024']
+    result = subprocess.run(cmd, cwd=env['PYTHONPATH'], env=env, capture_output=True, text=True)
+    # The loop runs check_ddp_consistency after each checkpoint: it fails if the ranks' weights differ.
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (root / 'ddp' / 'training-state-0000001.pt').is_file()
+    stats = [json.loads(line) for line in open(root / 'ddp' / 'stats.jsonl')]
+    assert all(math.isfinite(s['Loss/loss']) for s in stats if 'Loss/loss' in s)
