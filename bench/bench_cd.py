@@ -1,0 +1,434 @@
+"""Cost of consistency distillation next to EDM2 training, and of S-step student sampling.
+
+In one run on one network architecture and one batch, this times
+  * a plain EDM2 training step (EDM2Loss forward, backward, Adam) on a train-mode network,
+  * a CD training step (EDMConsistencyDistillLoss with a frozen eval-mode teacher and a student
+    seeded from it; forward, backward, Adam), with a breakdown of where its time goes,
+  * generate_images.consistency_sampler against S bare network evaluations of the same batch,
+and the peak memory of both training steps. docs/benchmarks.md explains each measurement.
+
+    python bench/bench_cd.py --net-size=tiny --batch=16 --S=8 --T=256
+"""
+
+import concurrent.futures
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for direct runs
+
+import dnnlib
+import generate_images
+from torch_utils import misc
+from torch_utils import training_stats
+from training import consistency_ops
+from training import loss_cd
+from training import training_loop
+from training.networks_edm2 import Precond, suppress_inplace_weight_norm
+
+#----------------------------------------------------------------------------
+# Network sizes: keyword arguments of training.networks_edm2.Precond.
+
+NET_SIZES = {
+    'tiny':         dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2],
+                         num_blocks=1, attn_resolutions=[8]),
+    'small':        dict(img_resolution=32, img_channels=3, label_dim=10, model_channels=64, channel_mult=[1, 2, 2],
+                         num_blocks=2, attn_resolutions=[16, 8]),
+    'edm2-img64-s': dict(img_resolution=64, img_channels=3, label_dim=1000, model_channels=192,
+                         channel_mult=[1, 2, 3, 4]),
+}
+
+ADAM_KWARGS = dict(lr=1e-4, betas=(0.9, 0.99), eps=1e-8)  # EDM2's betas; the rate does not affect timings
+
+#----------------------------------------------------------------------------
+# The two training setups on identical weights and data.
+
+def build_setup(net_size, batch, S, T, dropout, fp16, device, seed):
+    """Plain EDM2 network, CD teacher and student (all with the same initial weights), losses and batch."""
+    torch.manual_seed(seed)
+    net_kwargs = dict(NET_SIZES[net_size], use_fp16=fp16, dropout=dropout)
+    plain_net = Precond(**net_kwargs).train().requires_grad_(True).to(device)
+    teacher = Precond(**net_kwargs).to(device)
+    misc.copy_params_and_buffers(plain_net, teacher, require_all=True)
+    student = Precond(**net_kwargs).train().requires_grad_(True).to(device)
+    misc.copy_params_and_buffers(teacher, student, require_all=True)
+    student.logvar_linear.requires_grad_(False)  # CD never trains the uncertainty head
+
+    cd_loss = loss_cd.EDMConsistencyDistillLoss(teacher, S=S, T_start=T, T_end=T, T_anneal_kimg=0)
+    channels, resolution = plain_net.img_channels, plain_net.img_resolution
+    images = torch.randn([batch, channels, resolution, resolution], device=device) * cd_loss.sigma_data
+    labels = torch.eye(plain_net.label_dim, device=device)[torch.randint(plain_net.label_dim, [batch], device=device)]
+    return dnnlib.EasyDict(
+        device=torch.device(device), images=images, labels=labels, teacher=teacher, cd_loss=cd_loss,
+        plain_net=plain_net, plain_loss=training_loop.EDM2Loss(), plain_opt=adam(plain_net),
+        student=student, student_opt=adam(student))
+
+
+def adam(net):
+    return torch.optim.Adam([param for param in net.parameters() if param.requires_grad], **ADAM_KWARGS)
+
+
+def training_step(net, loss_fn, optimizer, images, labels, seed, cur_nimg):
+    """One optimizer step as the training loop takes it, including its per-step reseed."""
+    misc.set_random_seed(seed, 0, cur_nimg)
+    optimizer.zero_grad(set_to_none=True)
+    if hasattr(loss_fn, 'set_global_kimg'):
+        loss_fn.set_global_kimg(cur_nimg / 1e3)
+    loss = loss_fn(net=net, images=images, labels=labels)
+    training_stats.report('Loss/loss', loss)
+    (loss.sum() / images.shape[0]).backward()
+    training_loop.sanitize_gradients(net.parameters())
+    optimizer.step()
+
+
+def plain_step(setup, seed, cur_nimg):
+    training_step(setup.plain_net, setup.plain_loss, setup.plain_opt, setup.images, setup.labels, seed, cur_nimg)
+
+
+def cd_step(setup, seed, cur_nimg):
+    training_step(setup.student, setup.cd_loss, setup.student_opt, setup.images, setup.labels, seed, cur_nimg)
+
+#----------------------------------------------------------------------------
+# Timing.
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn):
+    """(fn(), wall-clock seconds), with the device's queued work finished on both ends."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def draw_edges(setup, seed, cur_nimg):
+    """The edges and noise the CD loss draws in the training step at cur_nimg, drawn the same way."""
+    loss, device, images = setup.cd_loss, setup.device, setup.images
+    misc.set_random_seed(seed, 0, cur_nimg)
+    loss.set_global_kimg(cur_nimg / 1e3)
+    grids = loss.grids(loss.current_teacher_edges(), device)
+    edges = consistency_ops.sample_segment_and_teacher_pair(grids.bounds, grids.teacher, grids.student,
+        images.shape[0], device, terminal_k=grids.terminal_k, sampling_mode=loss.sampling_mode, rho=loss.rho,
+        P_mean=loss.P_mean, P_std=loss.P_std, terminal_anchor=loss.terminal_anchor)
+    return edges, torch.randn_like(images)
+
+
+def cd_step_parts(setup, seed, cur_nimg):
+    """Time the network work of the CD step at cur_nimg one piece at a time, on that step's edges.
+
+    Returns (seconds per part, number of rows per edge class).
+    """
+    device, student, labels = setup.device, setup.student, setup.labels
+    edges, noise = draw_edges(setup, seed, cur_nimg)
+    sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
+    terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
+    general, non_terminal = ~terminal & ~snap, ~terminal
+    sigma_s_eff = torch.where(snap, sigma_bdry, torch.where(terminal, sigma_s, torch.maximum(sigma_s, sigma_bdry)))
+    x_t = setup.images.to(torch.float64) + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
+    seconds = dict()
+
+    x_ref = x_t.clone()
+    seconds['teacher'] = seconds['target'] = 0.0  # stays 0 when the batch holds no such rows, as in the loss
+    if non_terminal.any():
+        x_ref[non_terminal], seconds['teacher'] = timed(device, lambda: consistency_ops.heun_hop_edm(setup.teacher,
+            x_t[non_terminal], sigma_t[non_terminal], sigma_s_eff[non_terminal], labels[non_terminal]))
+
+    setup.student_opt.zero_grad(set_to_none=True)
+    rng_state = loss_cd.device_rng_state(device)
+    x_hat, seconds['forward'] = timed(device, lambda: student(x_t.to(torch.float32), sigma_t.reshape(-1, 1, 1, 1), labels))
+
+    if general.any():
+        _, seconds['target'] = timed(device, lambda: target_pass(setup, x_t, x_ref, sigma_t, sigma_s_eff, general, rng_state))
+
+    per_sample = loss_cd.loss_weight(sigma_t, setup.cd_loss.weight_mode) * loss_cd.consistency_distance(
+        x_hat - setup.images, setup.cd_loss.loss_type)
+    scalar = per_sample.sum() / len(per_sample)
+    _, seconds['backward'] = timed(device, scalar.backward)
+
+    def optimizer_step():
+        training_loop.sanitize_gradients(student.parameters())
+        setup.student_opt.step()
+    _, seconds['optimizer'] = timed(device, optimizer_step)
+
+    counts = dict(terminal=int(terminal.sum()), boundary=int(snap.sum()), general=int(general.sum()))
+    return seconds, counts
+
+
+def target_pass(setup, x_t, x_s, sigma_t, sigma_s_eff, general, rng_state):
+    """The CD loss's no-grad student pass D(x_s; sigma_s_eff), on the rows and in the mode the loss uses."""
+    student, labels = setup.student, setup.labels
+    if setup.cd_loss.sync_dropout and student_has_dropout(student):
+        # The whole batch is re-run so that every row replays its dropout mask.
+        x_in = torch.where(general.reshape(-1, 1, 1, 1), x_s, x_t)
+        sigma_in = torch.where(general, sigma_s_eff, sigma_t)
+        return loss_cd.synchronised_student_pass(student, x_in, sigma_in, labels, setup.device, rng_state)
+    with torch.no_grad(), suppress_inplace_weight_norm(student):
+        return student(x_s[general].to(torch.float32), sigma_s_eff[general].reshape(-1, 1, 1, 1), labels[general])
+
+
+def student_has_dropout(student):
+    return any(module.training and getattr(module, 'dropout', 0) > 0 for module in student.modules())
+
+
+def check_same_edges(setup, counts_before, counts):
+    """The breakdown must time the edges the loss itself drew in the step it describes."""
+    drawn = {name: setup.cd_loss.edge_counts[name] - counts_before[name] for name in counts}
+    if drawn != counts:
+        raise RuntimeError(f'The breakdown drew edges {counts} but the CD loss drew {drawn} in the same step; '
+            'draw_edges() no longer matches EDMConsistencyDistillLoss.__call__')
+
+
+def alternating(pairs, rep):
+    """The (name, fn) pairs in their order on even reps and reversed on odd ones, so that drifting
+    machine load and warm caches favour neither side."""
+    return pairs if rep % 2 == 0 else pairs[::-1]
+
+
+def time_training(setup, seed, warmup, reps):
+    """Per-rep seconds of the plain step, the CD step and the CD step's parts, plus edge class counts."""
+    batch = setup.images.shape[0]
+    samples = dnnlib.EasyDict(plain=[], cd=[], parts=[], counts=[])
+    for rep in range(warmup + reps):
+        cur_nimg = rep * batch
+        counts_before = dict(setup.cd_loss.edge_counts)
+        seconds = dict()
+        for name, step in alternating([('plain', plain_step), ('cd', cd_step)], rep):
+            _, seconds[name] = timed(setup.device, lambda: step(setup, seed, cur_nimg))
+        parts, counts = cd_step_parts(setup, seed, cur_nimg)
+        check_same_edges(setup, counts_before, counts)
+        if rep >= warmup:
+            samples.plain.append(seconds['plain'])
+            samples.cd.append(seconds['cd'])
+            samples.parts.append(parts)
+            samples.counts.append(counts)
+    return samples
+
+
+def time_sampling(setup, S, seed, warmup, reps):
+    """Per-rep seconds of the S-step consistency sampler and of S bare evaluations of the student."""
+    net, labels, loss = setup.student.eval(), setup.labels, setup.cd_loss
+    grid = dict(sigma_min=loss.sigma_min, sigma_max=loss.sigma_max, rho=loss.rho)
+    torch.manual_seed(seed)
+    noise = torch.randn_like(setup.images)
+    sigmas = generate_images.sigma_schedule(S, dtype=torch.float32, device=setup.device, **grid)
+    x = noise * sigmas[0]
+
+    def raw():
+        for i in range(S):
+            net(x, sigmas[i], labels)
+
+    def sampler():
+        return generate_images.consistency_sampler(net, noise, labels, num_steps=S, **grid)
+
+    samples = dnnlib.EasyDict(sampler=[], raw=[])
+    with torch.no_grad():
+        for rep in range(warmup + reps):
+            for name, fn in alternating([('sampler', sampler), ('raw', raw)], rep):
+                _, seconds = timed(setup.device, fn)
+                if rep >= warmup:
+                    samples[name].append(seconds)
+    setup.student.train()
+    return samples
+
+#----------------------------------------------------------------------------
+# Memory.
+
+def resident_bytes(*objects):
+    """Bytes held between steps by the given modules (parameters, buffers) and optimizers (state)."""
+    tensors = []
+    for obj in objects:
+        if isinstance(obj, torch.nn.Module):
+            tensors += misc.params_and_buffers(obj)
+        else:
+            tensors += [value for state in obj.state.values() for value in state.values() if torch.is_tensor(value)]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def cuda_step_peak(setup, step, seed, cur_nimg):
+    """Peak allocated CUDA memory during one step, above what was allocated before it."""
+    device = setup.device
+    synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step(setup, seed, cur_nimg)
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def _proc_status_bytes(field):
+    with open('/proc/self/status') as f:
+        return int(re.search(rf'^{field}:\s+(\d+) kB', f.read(), re.MULTILINE).group(1)) * 1024
+
+
+def rss_step_peak(setup, step, seed, cur_nimg):
+    """Peak resident set size during one step, above the resident set size before it (Linux)."""
+    before = _proc_status_bytes('VmRSS')
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')  # resets the high-water mark VmHWM to the current RSS
+    step(setup, seed, cur_nimg)
+    return _proc_status_bytes('VmHWM') - before
+
+
+def step_peaks(setup, seed, peak_fn):
+    """Transient peak of a plain and of a CD step, each measured after one unmeasured step of its kind."""
+    batch = setup.images.shape[0]
+    peaks = dict()
+    for name, step in (('plain', plain_step), ('cd', cd_step)):
+        step(setup, seed, 0)
+        peaks[name] = peak_fn(setup, step, seed, batch)
+    return peaks
+
+
+def _cpu_step_peaks(build_kwargs, seed):
+    return step_peaks(build_setup(**build_kwargs), seed, rss_step_peak)
+
+
+def cpu_step_peaks_in_fresh_process(build_kwargs, seed):
+    """Run step_peaks() in a new process whose malloc returns every buffer of >= 64 KiB to the OS on free.
+
+    Then RSS follows the live tensors, and earlier steps leave no cached heap to hide a step's peak.
+    """
+    previous = os.environ.get('MALLOC_MMAP_THRESHOLD_')
+    os.environ['MALLOC_MMAP_THRESHOLD_'] = str(64 << 10)
+    try:
+        context = multiprocessing.get_context('spawn')
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            future = pool.submit(_cpu_step_peaks, build_kwargs, seed)
+    finally:
+        if previous is None:
+            del os.environ['MALLOC_MMAP_THRESHOLD_']
+        else:
+            os.environ['MALLOC_MMAP_THRESHOLD_'] = previous
+    return future.result()
+
+#----------------------------------------------------------------------------
+# Report.
+
+def describe_device(device):
+    if device.type == 'cuda':
+        return f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})'
+    model = platform.processor() or 'unknown CPU'
+    if os.path.isfile('/proc/cpuinfo'):
+        with open('/proc/cpuinfo') as f:
+            found = re.search(r'^model name\s*:\s*(.+)$', f.read(), re.MULTILINE)
+        model = found.group(1).strip() if found else model
+    return f'{model}; {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads'
+
+
+def load_average():
+    return '/'.join(f'{value:.2f}' for value in os.getloadavg())
+
+
+def print_report(setup, config, training, sampling, peaks):
+    ms = lambda seconds: 1e3 * seconds
+    median = statistics.median
+    plain, cd = median(training.plain), median(training.cd)
+    parts = {name: median(rep[name] for rep in training.parts) for name in training.parts[0]}
+    other = cd - sum(parts.values())
+    mean_counts = {name: statistics.fmean(rep[name] for rep in training.counts) for name in training.counts[0]}
+    batch = setup.images.shape[0]
+    synced_target = setup.cd_loss.sync_dropout and student_has_dropout(setup.student)
+    target_rows = batch if synced_target else mean_counts['general']
+    # Network evaluations per sample: forward + backward ~ 3 forwards; no-grad forwards count 1.
+    floor = (3 * batch + 2 * (batch - mean_counts['terminal']) + target_rows) / (3 * batch)
+    sampler, raw = median(sampling.sampler), median(sampling.raw)
+    grids = setup.cd_loss.grids(setup.cd_loss.current_teacher_edges())
+
+    print(f'torch {torch.__version__} on {setup.device.type}: {describe_device(setup.device)}')
+    print(f'1/5/15-min load average: {config.load_before} at the start, {load_average()} at the end')
+    if setup.device.type == 'cpu' and os.getloadavg()[0] > os.cpu_count():
+        print('note: the load exceeds the number of cores, so other processes shared the CPU during these timings')
+    print(f'network {config.net_size} ({sum(p.numel() for p in setup.student.parameters()):,} parameters), '
+        f'batch {batch}, S={config.S}, T={config.T} (T_eff={grids.T_eff}), dropout {config.dropout}, '
+        f'mixed precision {"on" if config.fp16 and setup.device.type == "cuda" else "off"}')
+    print(f'medians of {config.reps} reps after {config.warmup} warm-up reps; '
+        f'edge classes per batch (mean): ' + ', '.join(f'{k} {v:.2f}' for k, v in mean_counts.items()))
+    print()
+    rows = [
+        ('plain EDM2 step (EDM2Loss fwd + bwd + Adam)', plain),
+        ('CD step (EDMConsistencyDistillLoss fwd + bwd + Adam)', cd),
+        ('  teacher Heun hop (2 evals, non-terminal rows)', parts['teacher']),
+        ('  student forward (with grad)', parts['forward']),
+        ('  student backward', parts['backward']),
+        (f'  target pass (no grad, {"full batch, synced dropout" if synced_target else "general rows"})',
+            parts['target']),
+        ('  gradient sanitising + Adam step', parts['optimizer']),
+        ('  other (CD step minus the parts above)', other),
+    ]
+    print(f'{"training step":<58s} {"ms":>10s} {"% of CD":>8s} {"x plain":>8s}')
+    for label, seconds in rows:
+        print(f'{label:<58s} {ms(seconds):10.2f} {100 * seconds / cd:8.1f} {seconds / plain:8.2f}')
+    print()
+    print(f'{"sampling":<58s} {"ms":>10s}')
+    print(f'{f"consistency_sampler, S={config.S}":<58s} {ms(sampler):10.2f}')
+    print(f'{f"{config.S} raw student evaluations":<58s} {ms(raw):10.2f}')
+    print()
+    mib = lambda nbytes: nbytes / 2 ** 20
+    resident = dict(plain=resident_bytes(setup.plain_net, setup.plain_opt),
+        cd=resident_bytes(setup.student, setup.teacher, setup.student_opt))
+    print(f'{"memory (MiB)":<58s} {"plain":>10s} {"CD":>10s}')
+    print(f'{"resident: weights (+ teacher) and Adam state":<58s} {mib(resident["plain"]):10.1f} {mib(resident["cd"]):10.1f}')
+    print(f'{"step peak above resident, " + config.memory_method:<58s} {mib(peaks["plain"]):10.1f} {mib(peaks["cd"]):10.1f}')
+    print()
+    print(f'CD step / plain step          = {cd / plain:.3f}  (target <= 2.0; network-evaluation floor for these edges {floor:.3f})')
+    print(f'sampler / S raw evaluations   = {sampler / raw:.3f}  (overhead {100 * (sampler / raw - 1):+.1f} %, target < 5 %)')
+    print(f'peak step memory CD / plain   = {peaks["cd"] / max(peaks["plain"], 1):.3f}')
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--net-size', help='Network architecture', type=click.Choice(list(NET_SIZES)), default='tiny', show_default=True)
+@click.option('--batch', help='Images per training step and per sampler call', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
+@click.option('--S', 'S', help='Student steps (segments of the sigma axis)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
+@click.option('--T', 'T', help='Teacher edges (fixed, no anneal); must be >= S', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--reps', help='Timed repetitions; medians are reported', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@click.option('--warmup', help='Untimed repetitions before the timed ones', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
+@click.option('--device', help='Device [default: cuda if available, else cpu]', metavar='cpu|cuda[:N]', type=str, default=None)
+@click.option('--fp16', help='Run the networks in float16 (CUDA only; CPU stays float32)', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--dropout', help='Dropout probability of all three networks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.0, show_default=True)
+@click.option('--seed', help='Seed of weights, batch and the per-step reseed', metavar='INT', type=int, default=0, show_default=True)
+def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed):
+    """Time a CD training step against a plain EDM2 training step, and S-step sampling against S evaluations."""
+    device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise click.BadParameter(f'{device} requested, but CUDA is not available', param_hint='--device')
+    if device.type not in ('cpu', 'cuda'):
+        raise click.BadParameter(f'expected cpu or cuda[:N], got {device}', param_hint='--device')
+    if T < S:
+        raise click.BadParameter(f'the teacher grid needs at least one edge per student step: T >= S = {S}, got {T}',
+            param_hint='--T')
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+    build_kwargs = dict(net_size=net_size, batch=batch, S=S, T=T, dropout=dropout, fp16=fp16, device=device, seed=seed)
+    config = dnnlib.EasyDict(build_kwargs, reps=reps, warmup=warmup, load_before=load_average())
+    if device.type == 'cpu':
+        # Before this process builds its own copy, so that only one copy of the networks is in memory.
+        peaks = cpu_step_peaks_in_fresh_process(build_kwargs, seed)
+        config.memory_method = 'RSS high-water mark'
+    setup = build_setup(**build_kwargs)
+    training = time_training(setup, seed, warmup, reps)
+    sampling = time_sampling(setup, S, seed, warmup, reps)
+    if device.type == 'cuda':
+        peaks = step_peaks(setup, seed, cuda_step_peak)
+        config.memory_method = 'max_memory_allocated'
+    print_report(setup, config, training, sampling, peaks)
+
+
+if __name__ == '__main__':
+    cli()
+
+#----------------------------------------------------------------------------
