@@ -294,7 +294,7 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     """Train a digits teacher, distil an S-step student and compare their samples.
 
     \b
-    Example (about 15 minutes on 2 CPU cores):
+    Example (about 6 minutes on 2 idle CPU cores):
       python3 quickstart.py --outdir=quickstart-run
     """
     c = dnnlib.EasyDict(CONFIGS['quick' if quick else 'full'])

@@ -215,24 +215,35 @@ def time_training(setup, seed, warmup, reps):
     return samples
 
 
+def sampler_inputs(net, noise, labels, S, grid):
+    """The (x, sigma) pairs that consistency_sampler passes to the network, in order."""
+    inputs = []
+    def recording_net(x, sigma, class_labels):
+        inputs.append((x.clone(), sigma))
+        return net(x, sigma, class_labels)
+    generate_images.consistency_sampler(recording_net, noise, labels, num_steps=S, **grid)
+    return inputs
+
+
 def time_sampling(setup, S, seed, warmup, reps):
-    """Per-rep seconds of the S-step consistency sampler and of S bare evaluations of the student."""
+    """Per-rep seconds of the S-step consistency sampler and of S bare evaluations of the student
+    on the very inputs the sampler gives it (so both sides see the same values)."""
     net, labels, loss = setup.student.eval(), setup.labels, setup.cd_loss
     grid = dict(sigma_min=loss.sigma_min, sigma_max=loss.sigma_max, rho=loss.rho)
     torch.manual_seed(seed)
     noise = torch.randn_like(setup.images)
-    sigmas = generate_images.sigma_schedule(S, dtype=torch.float32, device=setup.device, **grid)
-    x = noise * sigmas[0]
+
 
     def raw():
-        for i in range(S):
-            net(x, sigmas[i], labels)
+        for x, sigma in inputs:
+            net(x, sigma, labels)
 
     def sampler():
         return generate_images.consistency_sampler(net, noise, labels, num_steps=S, **grid)
 
     samples = dnnlib.EasyDict(sampler=[], raw=[])
     with torch.no_grad():
+        inputs = sampler_inputs(net, noise, labels, S, grid)
         for rep in range(warmup + reps):
             for name, fn in alternating([('sampler', sampler), ('raw', raw)], rep):
                 _, seconds = timed(setup.device, fn)
@@ -343,6 +354,9 @@ def print_report(setup, config, training, sampling, peaks):
     # Network evaluations per sample: forward + backward ~ 3 forwards; no-grad forwards count 1.
     floor = (3 * batch + 2 * (batch - mean_counts['terminal']) + target_rows) / (3 * batch)
     sampler, raw = median(sampling.sampler), median(sampling.raw)
+    # Ratios come from the two sides of each rep, timed back to back, so slow drifts of the machine cancel.
+    paired_ratio = lambda numerators, denominators: median(a / b for a, b in zip(numerators, denominators))
+    cd_ratio, sampler_ratio = paired_ratio(training.cd, training.plain), paired_ratio(sampling.sampler, sampling.raw)
     grids = setup.cd_loss.grids(setup.cd_loss.current_teacher_edges())
 
     print(f'torch {torch.__version__} on {setup.device.type}: {describe_device(setup.device)}')
@@ -381,8 +395,9 @@ def print_report(setup, config, training, sampling, peaks):
     print(f'{"resident: weights (+ teacher) and Adam state":<58s} {mib(resident["plain"]):10.1f} {mib(resident["cd"]):10.1f}')
     print(f'{"step peak above resident, " + config.memory_method:<58s} {mib(peaks["plain"]):10.1f} {mib(peaks["cd"]):10.1f}')
     print()
-    print(f'CD step / plain step          = {cd / plain:.3f}  (target <= 2.0; network-evaluation floor for these edges {floor:.3f})')
-    print(f'sampler / S raw evaluations   = {sampler / raw:.3f}  (overhead {100 * (sampler / raw - 1):+.1f} %, target < 5 %)')
+    print('ratios: medians over the reps of the ratio within each rep')
+    print(f'CD step / plain step          = {cd_ratio:.3f}  (target <= 2.0; network-evaluation floor for these edges {floor:.3f})')
+    print(f'sampler / S raw evaluations   = {sampler_ratio:.3f}  (overhead {100 * (sampler_ratio - 1):+.1f} %, target < 5 %)')
     print(f'peak step memory CD / plain   = {peaks["cd"] / max(peaks["plain"], 1):.3f}')
 
 #----------------------------------------------------------------------------
@@ -392,7 +407,7 @@ def print_report(setup, config, training, sampling, peaks):
 @click.option('--batch', help='Images per training step and per sampler call', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
 @click.option('--S', 'S', help='Student steps (segments of the sigma axis)', metavar='INT', type=click.IntRange(min=1), default=8, show_default=True)
 @click.option('--T', 'T', help='Teacher edges (fixed, no anneal); must be >= S', metavar='INT', type=click.IntRange(min=1), default=256, show_default=True)
-@click.option('--reps', help='Timed repetitions; medians are reported', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@click.option('--reps', help='Timed repetitions; medians are reported', metavar='INT', type=click.IntRange(min=1), default=20, show_default=True)
 @click.option('--warmup', help='Untimed repetitions before the timed ones', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--device', help='Device [default: cuda if available, else cpu]', metavar='cpu|cuda[:N]', type=str, default=None)
 @click.option('--fp16', help='Run the networks in float16 (CUDA only; CPU stays float32)', metavar='BOOL', type=bool, default=True, show_default=True)

@@ -77,6 +77,21 @@ def test_breakdown_draws_the_edges_of_the_loss(one_torch_thread):
     assert mismatches > 0
 
 
+def test_raw_evaluations_replay_the_sampler_inputs(one_torch_thread):
+    setup = bench_cd.build_setup('tiny', batch=3, S=3, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=2)
+    net, loss = setup.student.eval(), setup.cd_loss
+    grid = dict(sigma_min=loss.sigma_min, sigma_max=loss.sigma_max, rho=loss.rho)
+    noise = torch.randn_like(setup.images)
+    with torch.no_grad():
+        inputs = bench_cd.sampler_inputs(net, noise, setup.labels, 3, grid)
+        sample = bench_cd.generate_images.consistency_sampler(net, noise, setup.labels, num_steps=3, **grid)
+        assert [float(sigma) for _, sigma in inputs] == pytest.approx(loss.student_sigmas()[:3].tolist())
+        assert torch.allclose(inputs[0][0], noise * loss.sigma_max)
+        assert not torch.equal(inputs[1][0], inputs[0][0])
+        # The sampler returns the prediction at its last input.
+        assert torch.equal(net(*inputs[-1], setup.labels), sample)
+
+
 @pytest.mark.skipif(not os.path.exists('/proc/self/clear_refs'), reason='needs Linux /proc')
 def test_rss_step_peak_sees_a_temporary_buffer():
     size = 64 << 20

@@ -136,6 +136,17 @@ def test_degenerate_sigma_pair_is_reported_with_its_sigmas(ref):
             torch.from_numpy(ref['eps']))
 
 
+def test_non_terminal_hop_to_zero_is_rejected_before_the_teacher_runs(ref):
+    edges = fixture_edges(ref)
+    general = int((~edges['is_terminal'] & ~edges['is_boundary_snap']).nonzero()[0])
+    for name in ('sigma_s', 'sigma_bdry'):
+        edges[name] = edges[name].clone()
+        edges[name][general] = 0
+    with pytest.raises(ValueError, match=rf'hop to sigma = 0\).*sample {general} \(general edge'):
+        parity_loss(ref).loss_from_edges(AnalyticStudent(), torch.from_numpy(ref['y']), None, edges,
+            torch.from_numpy(ref['eps']))
+
+
 def test_broken_sigma_ordering_is_rejected(ref):
     edges = fixture_edges(ref)
     edges['sigma_s'] = edges['sigma_s'].clone()

@@ -195,6 +195,7 @@ def sample_segment_and_teacher_pair(sigma_bounds, teacher_sigmas, student_sigmas
 
 #----------------------------------------------------------------------------
 # ODE steps in EDM space (MSCD-SPEC §1). Arithmetic is float64; results take x_t's dtype.
+# check=False skips the input checks, which cost a host sync each, for callers that validated the sigmas.
 
 def _sigma_like(sigma, x):
     """sigma as float64 on x's device, shaped to broadcast against x (a scalar stays 0-dim)."""
@@ -208,17 +209,25 @@ def _raise_if_zero(func, name, sigma):
         raise ValueError(f'{func}: {name} must be positive, but {name} = 0 for samples {zero.tolist()}')
 
 
-def ddim_step_edm(x_t, x_pred_t, sigma_t, sigma_s):
+def ddim_step_edm(x_t, x_pred_t, sigma_t, sigma_s, check=True):
     """Deterministic DDIM (Euler) step from sigma_t to sigma_s given the prediction x_pred_t made at sigma_t."""
     sigma_t, sigma_s = _sigma_like(sigma_t, x_t), _sigma_like(sigma_s, x_t)
-    _raise_if_zero('ddim_step_edm', 'sigma_t', sigma_t)
+    if check:
+        _raise_if_zero('ddim_step_edm', 'sigma_t', sigma_t)
     x, x_pred = x_t.to(torch.float64), x_pred_t.to(torch.float64)
     return (x_pred + (sigma_s / sigma_t) * (x - x_pred)).to(x_t.dtype)
 
 
-def inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref):
+def inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref, check=True):
     """The prediction at sigma_t whose DDIM step from x_t lands exactly on x_ref at sigma_ref."""
     sigma_t, sigma_ref = _sigma_like(sigma_t, x_t), _sigma_like(sigma_ref, x_t)
+    if check:
+        _check_inverse_pair(sigma_t, sigma_ref)
+    x_r, x = x_ref.to(torch.float64), x_t.to(torch.float64)
+    return ((x_r * sigma_t - x * sigma_ref) / (sigma_t - sigma_ref)).to(x_t.dtype)
+
+
+def _check_inverse_pair(sigma_t, sigma_ref):
     _raise_if_zero('inv_ddim_edm', 'sigma_t', sigma_t)
     gap = (sigma_t - sigma_ref).flatten()
     degenerate = (gap.abs() < 1e-12).nonzero().flatten()
@@ -228,12 +237,10 @@ def inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref):
         pair_ref = float(sigma_ref.flatten()[i if sigma_ref.numel() > 1 else 0])
         raise ValueError(f'inv_ddim_edm: degenerate sigma pair for samples {degenerate.tolist()}: '
             f'|sigma_t - sigma_ref| must be >= 1e-12, got sigma_t = {pair_t!r}, sigma_ref = {pair_ref!r}')
-    x_r, x = x_ref.to(torch.float64), x_t.to(torch.float64)
-    return ((x_r * sigma_t - x * sigma_ref) / (sigma_t - sigma_ref)).to(x_t.dtype)
 
 
 @torch.no_grad()
-def heun_hop_edm(net, x_t, sigma_t, sigma_s, class_labels=None):
+def heun_hop_edm(net, x_t, sigma_t, sigma_s, class_labels=None, check=True):
     """One Heun (2nd-order) step of the probability-flow ODE from sigma_t to sigma_s > 0 (two net calls).
 
     The ODE state is float64; the net gets float32 images and the sigmas as given, and its outputs
@@ -241,8 +248,9 @@ def heun_hop_edm(net, x_t, sigma_t, sigma_s, class_labels=None):
     """
     sigma_t = torch.as_tensor(sigma_t, dtype=torch.float64, device=x_t.device)
     sigma_s = torch.as_tensor(sigma_s, dtype=torch.float64, device=x_t.device)
-    _raise_if_zero('heun_hop_edm', 'sigma_t', sigma_t)
-    _raise_if_zero('heun_hop_edm', 'sigma_s', sigma_s)
+    if check:
+        _raise_if_zero('heun_hop_edm', 'sigma_t', sigma_t)
+        _raise_if_zero('heun_hop_edm', 'sigma_s', sigma_s)
     s_t, s_s = _sigma_like(sigma_t, x_t), _sigma_like(sigma_s, x_t)
 
     x = x_t.to(torch.float64)

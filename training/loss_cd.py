@@ -142,7 +142,8 @@ def _classify_rows(edges, student_sigmas, sigma_s_eff, sigma_ref):
     """Check the ordering invariants with one host transfer; return row indices and counts per class.
 
     Raises ValueError naming the sigmas of the first offending sample: a broken ordering, or a
-    degenerate pair (sigma_t = 0 or sigma_t ~ sigma_ref) for which the inverse DDIM step is undefined.
+    degenerate pair (sigma_t = 0 or sigma_t ~ sigma_ref) for which the inverse DDIM step is undefined,
+    or a teacher hop to sigma = 0 on a non-terminal row. The ODE steps can then skip their own checks.
     """
     sigma_t, sigma_s, sigma_bdry = edges['sigma_t'], edges['sigma_s'], edges['sigma_bdry']
     terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
@@ -150,11 +151,11 @@ def _classify_rows(edges, student_sigmas, sigma_s_eff, sigma_ref):
     below_upper_node = (step_j == 0) | terminal | (sigma_t < student_sigmas[step_j] + _INVARIANT_TOL)
     ordered = (below_upper_node & (sigma_t > sigma_s - _INVARIANT_TOL)
         & (terminal | (sigma_t > sigma_s_eff - _INVARIANT_TOL)) & (sigma_s_eff >= sigma_bdry - _INVARIANT_TOL))
-    degenerate = (sigma_t == 0) | ((sigma_t - sigma_ref).abs() < 1e-12)
+    degenerate = (sigma_t == 0) | ((sigma_t - sigma_ref).abs() < 1e-12) | (~terminal & (sigma_s_eff == 0))
     flags = torch.stack([terminal, snap, ~(terminal | snap), ~terminal, ~ordered, degenerate]).cpu()
 
     for problem, bad in (('breaks the sigma ordering of its edge class', flags[4]),
-            ('has a degenerate sigma pair for the inverse DDIM step', flags[5])):
+            ('has a degenerate sigma pair (sigma_t = 0, sigma_t ~ sigma_ref, or a hop to sigma = 0)', flags[5])):
         if bad.any():
             first = int(bad.nonzero()[0])
             raise ValueError(f'Consistency-distillation edge {problem}: '
@@ -357,7 +358,8 @@ class EDMConsistencyDistillLoss:
         x_t = x_ref + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
         if len(rows['non_terminal']):
             x_ref[rows['non_terminal']] = consistency_ops.heun_hop_edm(teacher, pick(x_t, 'non_terminal'),
-                pick(sigma_t, 'non_terminal'), pick(sigma_s_eff, 'non_terminal'), pick(labels, 'non_terminal'))
+                pick(sigma_t, 'non_terminal'), pick(sigma_s_eff, 'non_terminal'), pick(labels, 'non_terminal'),
+                check=False)
         if self.terminal_teacher_hop and counts['terminal']:
             with torch.no_grad():
                 x_ref[rows['terminal']] = teacher(pick(x_t, 'terminal').to(torch.float32),
@@ -382,8 +384,8 @@ class EDMConsistencyDistillLoss:
                     h = self._general_student_pass(student, pick(x_ref, 'general'), pick(sigma_s_eff, 'general'),
                         pick(labels, 'general'), eval_mode=dropout)
                 x_ref[rows['general']] = consistency_ops.ddim_step_edm(pick(x_ref, 'general'), h.to(torch.float64),
-                    pick(sigma_s_eff, 'general'), pick(sigma_bdry, 'general'))
-            target = consistency_ops.inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref).to(torch.float32)
+                    pick(sigma_s_eff, 'general'), pick(sigma_bdry, 'general'), check=False)
+            target = consistency_ops.inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref, check=False).to(torch.float32)
 
         delta = x_hat_t - target
         loss = loss_weight(sigma_t, self.weight_mode, self.sigma_data) * consistency_distance(
