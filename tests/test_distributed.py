@@ -147,10 +147,15 @@ def test_killed_save_leaves_loadable_checkpoint(tmp_path, subprocess_env, repo_r
 
 
 _INIT_WORKER = r'''
-import json, os, sys
+import atexit, json, os, sys
 import torch
 from torch_utils import distributed as dist
 from torch_utils import training_stats
+
+def record_group_at_exit():  # registered before init(), so it runs after init()'s exit handler
+    with open(sys.argv[1] + '/exit%s.txt' % os.environ.get('RANK', '0'), 'w') as f:
+        f.write('initialized' if torch.distributed.is_initialized() else 'destroyed')
+atexit.register(record_group_at_exit)
 dist.init()
 dist.print0('hello from rank', dist.get_rank())
 dist.CheckpointIO(info={'writer': dist.get_rank()}).save(sys.argv[1] + '/shared.pt', verbose=False)
@@ -180,6 +185,7 @@ def test_init_as_plain_process(tmp_path, subprocess_env, repo_root):
     assert result['sync_device'] == 'None'
     assert result['env'] == dict(MASTER_ADDR='localhost', RANK='0', LOCAL_RANK='0', WORLD_SIZE='1')
     assert result['hooks'] == [False, False, None, None]
+    assert (tmp_path / 'exit0.txt').read_text() == 'destroyed'
 
 
 @pytest.mark.slow
@@ -191,4 +197,5 @@ def test_init_under_torchrun(tmp_path, subprocess_env, repo_root):
         result = json.loads((tmp_path / f'rank{rank}.json').read_text())
         assert result['rank'] == rank and result['world'] == 2 and result['backend'] == 'gloo'
         assert result['sync_device'] == 'cpu'
+        assert (tmp_path / f'exit{rank}.txt').read_text() == 'destroyed'
     assert torch.load(tmp_path / 'shared.pt', weights_only=False) == {'info': {'writer': 0}}

@@ -1,5 +1,6 @@
 """Process-group setup, rank helpers, cluster hooks and training-state checkpoints."""
 
+import atexit
 import os
 import re
 import socket
@@ -32,6 +33,8 @@ def init():
         backend = 'nccl' if use_cuda and os.name != 'nt' else 'gloo'
         init_method = 'env://?use_libuv=False' if os.name == 'nt' else 'env://'
         torch.distributed.init_process_group(backend=backend, init_method=init_method)
+        # Left to interpreter shutdown, gloo's worker threads can abort the process (SIGABRT) at exit.
+        atexit.register(_destroy_process_group)
         if use_cuda:
             torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
 
@@ -40,6 +43,11 @@ def init():
         on_nccl = torch.distributed.get_backend() == 'nccl'
         sync_device = torch.device('cuda') if on_nccl else torch.device('cpu')
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
+
+
+def _destroy_process_group():
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def get_rank():
