@@ -19,6 +19,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+import calculate_metrics
 import dnnlib
 import generate_images
 from train_edm2 import ImageCount
@@ -107,15 +108,9 @@ def classify(net, images, batch_size=256):
 # Metrics.
 
 def frechet_distance(features_a, features_b):
-    """Frechet distance between Gaussians fitted to two feature sets [N,D]:
-    |mu_a - mu_b|^2 + Tr(C_a) + Tr(C_b) - 2 Tr((C_a^1/2 C_b C_a^1/2)^1/2)."""
-    mu_a, mu_b = features_a.mean(axis=0), features_b.mean(axis=0)
-    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    eigvals, eigvecs = np.linalg.eigh(cov_a)
-    root_a = (eigvecs * np.sqrt(eigvals.clip(min=0))) @ eigvecs.T
-    # Tr((C_a C_b)^1/2) equals the sum of square roots of the eigenvalues of the symmetric C_a^1/2 C_b C_a^1/2.
-    cross = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+    """Frechet distance between Gaussians fitted to two feature sets [N,D], by calculate_metrics' formula."""
+    fit = lambda features: (features.mean(axis=0), np.cov(features, rowvar=False))
+    return calculate_metrics.frechet_distance(*fit(features_a), *fit(features_b))
 
 
 def mean_confidence(probs):

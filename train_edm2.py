@@ -15,6 +15,7 @@ import torch
 import dnnlib
 from torch_utils import distributed as dist
 from training import distill
+from training import loss_cd
 from training import training_loop
 
 #----------------------------------------------------------------------------
@@ -276,11 +277,10 @@ def launch_training(run_dir, c):
     type=click.FloatRange(min=0, min_open=True))
 @click.option('--sigma_max', help='CD: highest noise level of the grids [default: 80]', metavar='FLOAT',
     type=click.FloatRange(min=0, min_open=True))
-@click.option('--cd_loss', help='CD: distance [default: pseudo_huber]', type=click.Choice(['pseudo_huber', 'huber', 'l2', 'l2_root']))
-@click.option('--cd_weight_mode', help='CD: per-sample weight of sigma_t [default: sqrt_karras]', type=click.Choice(
-    ['sqrt_karras', 'edm', 'karras', 'snr', 'snr+1', 'vlike', 'truncated-snr', 'flat', 'uniform']))
+@click.option('--cd_loss', help='CD: distance [default: pseudo_huber]', type=click.Choice(loss_cd.LOSS_TYPES))
+@click.option('--cd_weight_mode', help='CD: per-sample weight of sigma_t [default: sqrt_karras]', type=click.Choice(list(loss_cd.LOSS_WEIGHTS)))
 @click.option('--sampling_mode', help='CD: how teacher edges are drawn (vp, edm: importance weights; uniform: per segment) [default: vp]',
-    type=click.Choice(['vp', 'edm', 'uniform']))
+    type=click.Choice(loss_cd.SAMPLING_MODES))
 @click.option('--cd_P_mean', 'cd_P_mean', help='CD: log-normal mean for --sampling_mode=edm [default: -1.2]', metavar='FLOAT', type=float)
 @click.option('--cd_P_std', 'cd_P_std', help='CD: log-normal std for --sampling_mode=edm [default: 1.2]', metavar='FLOAT',
     type=click.FloatRange(min=0, min_open=True))

@@ -113,15 +113,11 @@ def timed(device, fn):
 
 
 def draw_edges(setup, seed, cur_nimg):
-    """The edges and noise the CD loss draws in the training step at cur_nimg, drawn the same way."""
-    loss, device, images = setup.cd_loss, setup.device, setup.images
+    """The edges and noise the CD loss draws in the training step at cur_nimg (same reseed, same draw)."""
+    loss = setup.cd_loss
     misc.set_random_seed(seed, 0, cur_nimg)
     loss.set_global_kimg(cur_nimg / 1e3)
-    grids = loss.grids(loss.current_teacher_edges(), device)
-    edges = consistency_ops.sample_segment_and_teacher_pair(grids.bounds, grids.teacher, grids.student,
-        images.shape[0], device, terminal_k=grids.terminal_k, sampling_mode=loss.sampling_mode, rho=loss.rho,
-        P_mean=loss.P_mean, P_std=loss.P_std, terminal_anchor=loss.terminal_anchor)
-    return edges, torch.randn_like(images)
+    return loss.draw_edges(setup.images, loss.grids(loss.current_teacher_edges(), setup.device))
 
 
 def cd_step_parts(setup, seed, cur_nimg):

@@ -111,36 +111,25 @@ def make_cache_dir_path(*paths):
 # Small conversions.
 
 
-def _split_duration(seconds):
-    total = int(round(seconds))
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    return total, days, hours, minutes, secs
+def _format_duration(seconds, max_units):
+    """Whole seconds as days/hours/minutes/seconds, from the largest non-zero unit, at most max_units units."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    units = list(zip((days, hours, minutes, secs), 'dhms'))
+    first = next((i for i, (value, _) in enumerate(units) if value), len(units) - 1)
+    shown = units[first:first + max_units]
+    return ' '.join(f'{value}{unit}' if i == 0 else f'{value:02}{unit}' for i, (value, unit) in enumerate(shown))
 
 
 def format_time(seconds):
     """Human-readable duration with up to three units, e.g. '1h 02m 03s'."""
-    total, d, h, m, s = _split_duration(seconds)
-    if total < 60:
-        return f'{s}s'
-    if total < 3600:
-        return f'{m}m {s:02}s'
-    if total < 86400:
-        return f'{h}h {m:02}m {s:02}s'
-    return f'{d}d {h:02}h {m:02}m'
+    return _format_duration(seconds, max_units=3)
 
 
 def format_time_brief(seconds):
     """Like format_time(), but keeps only the two largest units."""
-    total, d, h, m, s = _split_duration(seconds)
-    if total < 60:
-        return f'{s}s'
-    if total < 3600:
-        return f'{m}m {s:02}s'
-    if total < 86400:
-        return f'{h}h {m:02}m'
-    return f'{d}d {h:02}h'
+    return _format_duration(seconds, max_units=2)
 
 
 def tuple_product(t):

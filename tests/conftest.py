@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO_ROOT, 'tests', 'fixtures')
@@ -21,3 +22,12 @@ def subprocess_env():
     env['CUDA_VISIBLE_DEVICES'] = ''
     env['OMP_NUM_THREADS'] = '1'
     return env
+
+
+@pytest.fixture(scope='module')
+def single_thread():
+    """One torch thread: the tests' tiny networks run several times slower with threads contending for shared cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -46,16 +46,7 @@ def test_bench_rejects_fewer_teacher_edges_than_student_steps(repo_root, subproc
     assert '--T' in result.stderr and 'T >= S = 8' in result.stderr
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Two threads on a shared 2-core machine slow these tiny networks down several-fold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_breakdown_draws_the_edges_of_the_loss(one_torch_thread):
+def test_breakdown_draws_the_edges_of_the_loss(single_thread):
     setup = bench_cd.build_setup('tiny', batch=6, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=1)
     for cur_nimg in (0, 6):
         before = dict(setup.cd_loss.edge_counts)
@@ -77,7 +68,7 @@ def test_breakdown_draws_the_edges_of_the_loss(one_torch_thread):
     assert mismatches > 0
 
 
-def test_raw_evaluations_replay_the_sampler_inputs(one_torch_thread):
+def test_raw_evaluations_replay_the_sampler_inputs(single_thread):
     setup = bench_cd.build_setup('tiny', batch=3, S=3, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=2)
     net, loss = setup.student.eval(), setup.cd_loss
     grid = dict(sigma_min=loss.sigma_min, sigma_max=loss.sigma_max, rho=loss.rho)

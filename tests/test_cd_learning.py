@@ -194,15 +194,10 @@ def distillation_experiment(seed, S=2, batch_size=256, num_samples=4000, fit_ste
 
 
 @pytest.mark.slow
-def test_distilled_student_beats_teacher_euler():
+def test_distilled_student_beats_teacher_euler(single_thread):
     # S = 2: the teacher's first Euler step lands at sigma_min on the mixture mean, so its 2-step
     # samples pile up between modes, while a consistency student can learn to jump straight onto them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: extra threads only add contention on shared cores
-    try:
-        history, reports = distillation_experiment(seed=0)
-    finally:
-        torch.set_num_threads(threads)
+    history, reports = distillation_experiment(seed=0)
     teacher_euler, before, after = reports['teacher_euler'], reports['before'], reports['after']
 
     assert all(math.isfinite(value) for value in history), history

@@ -89,15 +89,21 @@ def test_heun_guidance_follows_interpolated_denoiser():
     assert len(net.sigmas) == len(gnet.sigmas) == 2 * 128 - 1
 
 
-def test_heun_churn_keeps_the_data_distribution():
-    mu, s = 1.0, 0.5
-    gen = torch.Generator().manual_seed(3)
-    noise = torch.randn([20000, 1, 1, 1], generator=gen, dtype=torch.float64)
+def counted_randn_like(generator):
+    """A randn_like drawing from `generator`, and the list it appends to on every draw."""
     draws = []
 
     def randn_like(x):
         draws.append(1)
-        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    return draws, randn_like
+
+
+def test_heun_churn_keeps_the_data_distribution():
+    mu, s = 1.0, 0.5
+    gen = torch.Generator().manual_seed(3)
+    noise = torch.randn([20000, 1, 1, 1], generator=gen, dtype=torch.float64)
+    draws, randn_like = counted_randn_like(gen)
     out = generate_images.edm_sampler(gaussian_denoiser(mu, s), noise, num_steps=128, S_churn=40, S_min=0.05, S_max=50,
                                       dtype=torch.float64, randn_like=randn_like)
     sigmas = karras_nodes(128, 0.002, 80, 7)
@@ -139,11 +145,7 @@ def test_stochastic_consistency_sampler_samples_the_data_distribution():
     mu, s = 0.5, 0.3
     gen = torch.Generator().manual_seed(6)
     noise = torch.randn([20000, 1, 1, 1], generator=gen, dtype=torch.float64)
-    draws = []
-
-    def randn_like(x):
-        draws.append(1)
-        return torch.randn(x.shape, generator=gen, dtype=x.dtype)
+    draws, randn_like = counted_randn_like(gen)
 
     def endpoint_net(x, sigma, labels=None):
         return ode_endpoint(x, float(sigma), mu, s)

@@ -43,13 +43,7 @@ class AnalyticStudent(AnalyticTeacher):
         return x * 0.25 / (s * s + 0.25) + 0.2 * torch.sin(1.5 * x) * s / (s * s + 1) - 0.03 * s / (s + 1)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread():
-    # The tiny networks run far faster on one thread than with oversubscribed cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 @pytest.fixture(scope='module')

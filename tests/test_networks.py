@@ -17,13 +17,7 @@ SMALL = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32,
     num_blocks=1, attn_resolutions=[8])
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    # These tensors are tiny: extra threads only add contention on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 def make_net(seed=0, **overrides):

@@ -166,7 +166,7 @@ def test_loads_pickle_written_in_edm2_format(tmp_path, subprocess_env):
     (tmp_path / 'edm2.pkl').write_bytes(_edm2_style_pickle(TOY_SOURCE, state))
 
     # Only the repo is importable: the embedded source must resolve torch_utils and dnnlib on its own.
-    out = _run_python(f'''
+    out = _run_python('''
         import pickle, torch
         with open('edm2.pkl', 'rb') as f:
             net = pickle.load(f)['ema']

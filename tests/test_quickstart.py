@@ -14,13 +14,7 @@ import quickstart
 from training.networks_edm2 import Precond
 
 
-@pytest.fixture(scope='module', autouse=True)
-def single_thread():
-    """The classifier is tiny; one thread avoids slow thread contention on busy shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 @pytest.fixture(scope='module')

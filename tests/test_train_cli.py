@@ -1,34 +1,16 @@
-import io
 import json
 import os
 import pickle
 import subprocess
 import sys
-import zipfile
 
 import click
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train_edm2
-
-
-def write_image_zip(path, num_images, resolution, labels=None, seed=0):
-    """A dataset ZIP as dataset_tool.py writes it: blocky RGB PNGs plus dataset.json."""
-    rng = np.random.default_rng(seed)
-    names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(num_images)]
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as zf:
-        for name in names:
-            blocks = rng.integers(0, 256, size=[4, 4, 3], dtype=np.uint8)
-            pixels = blocks.repeat(resolution // 4, axis=0).repeat(resolution // 4, axis=1)
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format='png', compress_level=0)
-            zf.writestr(name, buf.getvalue())
-        label_list = None if labels is None else [[name, int(label)] for name, label in zip(names, labels)]
-        zf.writestr('dataset.json', json.dumps({'labels': label_list}))
-    return str(path)
+from test_training_loop import write_image_zip
 
 
 @pytest.fixture(scope='module')

@@ -163,15 +163,6 @@ def test_default_data_loader_kwargs():
     assert cuda['pin_memory'] is True and cuda['num_workers'] == 2
 
 
-@pytest.fixture
-def single_thread():
-    # Tiny networks run much faster on one thread, especially on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TINY_NET = dict(class_name='training.networks_edm2.Precond', model_channels=16, channel_mult=[1, 2], num_blocks=1,
     attn_resolutions=[], use_fp16=False)
 

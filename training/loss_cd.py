@@ -330,14 +330,18 @@ class EDMConsistencyDistillLoss:
         """Per-sample loss ([N,1,1,1]) or per-element loss ([N,C,H,W]) for huber/l2, as the training loop sums it."""
         T = self.current_teacher_edges()
         grids = self.grids(T, images.device)
-        edges = consistency_ops.sample_segment_and_teacher_pair(grids.bounds, grids.teacher, grids.student,
-            images.shape[0], images.device, terminal_k=grids.terminal_k, sampling_mode=self.sampling_mode,
-            rho=self.rho, P_mean=self.P_mean, P_std=self.P_std, terminal_anchor=self.terminal_anchor)
-        noise = torch.randn_like(images)
+        edges, noise = self.draw_edges(images, grids)
         if self.report_stats:
             training_stats.report('CD/T_target', T)
             training_stats.report('CD/T_edges', grids.T_eff)
         return self.loss_from_edges(net, images, labels, edges, noise)
+
+    def draw_edges(self, images, grids):
+        """One teacher edge per image from `grids` (see grids()) and the noise of x_t, from the global RNG."""
+        edges = consistency_ops.sample_segment_and_teacher_pair(grids.bounds, grids.teacher, grids.student,
+            images.shape[0], images.device, terminal_k=grids.terminal_k, sampling_mode=self.sampling_mode,
+            rho=self.rho, P_mean=self.P_mean, P_std=self.P_std, terminal_anchor=self.terminal_anchor)
+        return edges, torch.randn_like(images)
 
     def loss_from_edges(self, net, images, labels, edges, noise):
         """Deterministic core of __call__ for given edges (sampler dict) and noise eps of x_t = images + sigma_t*eps."""

@@ -96,16 +96,17 @@ def freeze_parameters(net, prefixes):
 @torch.no_grad()
 def sanitize_gradients(params, force_finite=True):
     """Return (global gradient norm, number of NaN/Inf gradient elements), both measured before
-    the non-finite elements are zeroed (only when `force_finite`)."""
+    the non-finite elements are zeroed (only when `force_finite`). With gradients, both are 0-dim
+    tensors on their device, so the training step never waits for the device here."""
     grads = [param.grad for param in params if param.grad is not None]
     if not grads:
         return 0.0, 0
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
-    num_bad = int(torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum())
-    if force_finite and num_bad:
+    num_bad = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum()
+    if force_finite:
         for g in grads:
-            torch.nan_to_num(g, nan=0, posinf=0, neginf=0, out=g)
-    return float(norm), num_bad
+            torch.nan_to_num(g, nan=0, posinf=0, neginf=0, out=g)  # the identity on finite gradients
+    return norm, num_bad
 
 #----------------------------------------------------------------------------
 # Status reporting.
@@ -193,23 +194,25 @@ def _configure_torch_backends(cudnn_benchmark):
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def _setup_teacher(teacher_pkl, dataset, encoder, loss_fn, device):
+def _latent_shape_and_label_dim(dataset, encoder, device):
+    image, label = dataset[0]
+    latent = encoder.encode_latents(torch.as_tensor(image).to(device).unsqueeze(0))
+    return latent.shape, label.shape[-1]
+
+
+def _setup_teacher(teacher_pkl, encoder, latent_shape, label_dim, loss_fn, device):
     """Load and check the frozen teacher, give it to the loss; return the student seeding function
     and the snapshot metadata."""
     dist.print0(f'Loading teacher from {teacher_pkl}...')
     teacher, teacher_encoder = distill.load_teacher_pickle(teacher_pkl)
-    image, label = dataset[0]
-    latent = encoder.encode_latents(torch.as_tensor(image).to(device).unsqueeze(0))
-    distill.check_teacher(teacher, teacher_encoder, encoder, latent.shape, label.shape[-1])
+    distill.check_teacher(teacher, teacher_encoder, encoder, latent_shape, label_dim)
     loss_fn.attach_teacher(teacher.to(device))
     return functools.partial(distill.seed_student_from_teacher, teacher=teacher), distill.snapshot_metadata(loss_fn, teacher_pkl)
 
 
-def _build_network(dataset, encoder, network_kwargs, device, init_net_fn, frozen_params):
-    image, label = dataset[0]
-    latent = encoder.encode_latents(torch.as_tensor(image).to(device).unsqueeze(0))
+def _build_network(latent_shape, label_dim, network_kwargs, device, init_net_fn, frozen_params):
     net = dnnlib.util.construct_class_by_name(**network_kwargs,
-        img_resolution=latent.shape[-1], img_channels=latent.shape[1], label_dim=label.shape[-1])
+        img_resolution=latent_shape[-1], img_channels=latent_shape[1], label_dim=label_dim)
     net.train().requires_grad_(True).to(device)
     if init_net_fn is not None:
         init_net_fn(net)
@@ -284,11 +287,12 @@ def training_loop(
     encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
     encoder.init(device)
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
+    latent_shape, label_dim = _latent_shape_and_label_dim(dataset, encoder, device)
     if teacher_pkl is not None:
-        init_net_fn, cd_metadata = _setup_teacher(teacher_pkl, dataset, encoder, loss_fn, device)
+        init_net_fn, cd_metadata = _setup_teacher(teacher_pkl, encoder, latent_shape, label_dim, loss_fn, device)
 
     dist.print0('Constructing network...')
-    net = _build_network(dataset, encoder, network_kwargs, device, init_net_fn, frozen_params)
+    net = _build_network(latent_shape, label_dim, network_kwargs, device, init_net_fn, frozen_params)
     _print_network_summary(net, batch_gpu, device)
     ddp = _wrap_ddp(net, device, ddp_kwargs)  # DDP copies rank 0's initial weights to every rank
 
