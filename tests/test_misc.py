@@ -166,9 +166,10 @@ def test_ddp_helpers_without_process_group():
 
 DDP_SCRIPT = textwrap.dedent('''
     import torch
+    from torch_utils import distributed as dist
     from torch_utils import misc
-    torch.distributed.init_process_group('gloo')
-    rank = torch.distributed.get_rank()
+    dist.init()
+    rank = dist.get_rank()
     torch.manual_seed(0)
     net = torch.nn.Linear(2, 1, bias=False)
     ddp = torch.nn.parallel.DistributedDataParallel(net)

@@ -4,6 +4,7 @@ import atexit
 import os
 import re
 import socket
+import time
 import uuid
 
 import torch
@@ -33,8 +34,7 @@ def init():
         backend = 'nccl' if use_cuda and os.name != 'nt' else 'gloo'
         init_method = 'env://?use_libuv=False' if os.name == 'nt' else 'env://'
         torch.distributed.init_process_group(backend=backend, init_method=init_method)
-        # Left to interpreter shutdown, gloo's worker threads can abort the process (SIGABRT) at exit.
-        atexit.register(_destroy_process_group)
+        atexit.register(_shutdown_process_group)
         if use_cuda:
             torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
 
@@ -45,9 +45,23 @@ def init():
     training_stats.init_multiprocessing(rank=get_rank(), sync_device=sync_device)
 
 
-def _destroy_process_group():
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+GLOO_EXIT_GRACE_S = 0.5  # seconds a multi-process gloo run waits at exit; see _shutdown_process_group
+
+
+def _shutdown_process_group():
+    """Destroy the process group at exit, while the interpreter is still fully alive.
+
+    A gloo worker thread releases a finished collective's tensors shortly after the collective
+    returns, and that needs the GIL; once interpreter shutdown has begun, it aborts the process
+    (SIGABRT). Destroying the group joins those threads, except when a DDP wrapper has kept the
+    group alive (as torch does): then waiting GLOO_EXIT_GRACE_S lets them finish their last release.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    multi_process_gloo = get_world_size() > 1 and torch.distributed.get_backend() == 'gloo'
+    torch.distributed.destroy_process_group()
+    if multi_process_gloo:
+        time.sleep(GLOO_EXIT_GRACE_S)
 
 
 def get_rank():
