@@ -245,10 +245,9 @@ def generate_sample_sets(paths, c, S, num_images, timings):
     return sample_sets
 
 
-def evaluate(dataset_path, classifier_path, sample_sets):
+def evaluate(dataset_path, net, held_out_idx, sample_sets):
     """Quality rows for the real held-out digits and for each sample set, all against the training-split digits."""
     images, labels, _ = load_labelled_images(dataset_path)
-    net, held_out_idx = load_classifier(classifier_path)
     reference_idx = np.setdiff1d(np.arange(len(images)), held_out_idx)
     reference_features, _ = classify(net, images[reference_idx])
     rows = [quality_row('real held-out digits', None, net, images[held_out_idx], reference_features, labels[held_out_idx])]
@@ -314,11 +313,12 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     run_stage(timings, 'digit classifier', paths.classifier,
         lambda: fit_classifier(paths.dataset, paths.classifier, epochs=c.classifier_epochs, seed=seed))
     train_models(paths, c, S, seed, timings)
-    num_images = len(load_classifier(paths.classifier)[1])   # as many as held-out real digits, so FDs compare
-    sample_sets = generate_sample_sets(paths, c, S, num_images, timings)
+    classifier, held_out_idx = load_classifier(paths.classifier)
+    # As many samples as held-out real digits, so that their FDs compare.
+    sample_sets = generate_sample_sets(paths, c, S, len(held_out_idx), timings)
 
     print('\n=== quality ===', flush=True)
-    rows = evaluate(paths.dataset, paths.classifier, sample_sets)
+    rows = evaluate(paths.dataset, classifier, held_out_idx, sample_sets)
     total_seconds = time.time() - started
     write_report(os.path.join(outdir, 'results.md'), rows, timings, total_seconds, c, S, seed)
     print(format_table(rows))

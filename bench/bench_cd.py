@@ -130,7 +130,7 @@ def cd_step_parts(setup, seed, cur_nimg):
     sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
     terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
     general, non_terminal = ~terminal & ~snap, ~terminal
-    sigma_s_eff = torch.where(snap, sigma_bdry, torch.where(terminal, sigma_s, torch.maximum(sigma_s, sigma_bdry)))
+    sigma_s_eff, _ = loss_cd.edge_targets(edges, sigma_s, sigma_bdry)
     x_t = setup.images.to(torch.float64) + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
     seconds = dict()
 
@@ -228,7 +228,8 @@ def time_sampling(setup, S, seed, warmup, reps):
     grid = dict(sigma_min=loss.sigma_min, sigma_max=loss.sigma_max, rho=loss.rho)
     torch.manual_seed(seed)
     noise = torch.randn_like(setup.images)
-
+    with torch.no_grad():
+        inputs = sampler_inputs(net, noise, labels, S, grid)
 
     def raw():
         for x, sigma in inputs:
@@ -239,7 +240,6 @@ def time_sampling(setup, S, seed, warmup, reps):
 
     samples = dnnlib.EasyDict(sampler=[], raw=[])
     with torch.no_grad():
-        inputs = sampler_inputs(net, noise, labels, S, grid)
         for rep in range(warmup + reps):
             for name, fn in alternating([('sampler', sampler), ('raw', raw)], rep):
                 _, seconds = timed(setup.device, fn)

@@ -126,6 +126,16 @@ def synchronised_student_pass(student, x, sigma, labels, rng_device, rng_state):
 #----------------------------------------------------------------------------
 # Per-batch bookkeeping of the three edge classes (MSCD-SPEC §4, §5).
 
+def edge_targets(edges, sigma_s, sigma_bdry):
+    """(sigma_s_eff, sigma_ref) per drawn edge: where the teacher hop from sigma_t ends, and where the
+    target's DDIM step must land (0 on terminal rows, the segment boundary elsewhere)."""
+    terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
+    # Snaps stop at the boundary; the max is a no-op on valid grids; terminal rows keep sigma_s = 0.
+    sigma_s_eff = torch.where(snap, sigma_bdry, torch.where(terminal, sigma_s, torch.maximum(sigma_s, sigma_bdry)))
+    sigma_ref = torch.where(terminal, torch.zeros_like(sigma_bdry), sigma_bdry)
+    return sigma_s_eff, sigma_ref
+
+
 _INVARIANT_TOL = 1e-8
 _EDGE_CLASSES = ('terminal', 'boundary', 'general')
 
@@ -348,10 +358,7 @@ class EDMConsistencyDistillLoss:
         device = images.device
         teacher, student = self._teacher_on(device), _unwrap(net)
         sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
-        terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
-        # Snaps stop at the boundary; the max is a no-op on valid grids; terminal rows keep sigma_s = 0.
-        sigma_s_eff = torch.where(snap, sigma_bdry, torch.where(terminal, sigma_s, torch.maximum(sigma_s, sigma_bdry)))
-        sigma_ref = torch.where(terminal, torch.zeros_like(sigma_bdry), sigma_bdry)
+        sigma_s_eff, sigma_ref = edge_targets(edges, sigma_s, sigma_bdry)
         rows, counts = _classify_rows(dict(edges, sigma_t=sigma_t, sigma_s=sigma_s, sigma_bdry=sigma_bdry),
             self.student_sigmas(device), sigma_s_eff, sigma_ref)
         pick = lambda tensor, name: None if tensor is None else tensor[rows[name]]
@@ -379,7 +386,7 @@ class EDMConsistencyDistillLoss:
                 if rng_state is not None:
                     # A dropout mask spans the whole batch tensor, so rows line up only in a same-shaped
                     # pass: the other rows are re-run at (x_t, sigma_t) and discarded.
-                    is_general = (~terminal & ~snap)
+                    is_general = ~edges['is_terminal'] & ~edges['is_boundary_snap']
                     x_in = torch.where(is_general.reshape(-1, 1, 1, 1), x_ref, x_t)
                     sigma_in = torch.where(is_general, sigma_s_eff, sigma_t)
                     h = synchronised_student_pass(student, x_in, sigma_in, labels, rng_device, rng_state)
