@@ -1,10 +1,12 @@
 """Fréchet distances (FID, FD_DINOv2) between image sets, and the reference statistics they need."""
 
+import itertools
 import os
 import pickle
 
 import click
 import numpy as np
+import PIL.Image
 import scipy.linalg
 import torch
 import tqdm
@@ -14,8 +16,8 @@ import generate_images
 from torch_utils import distributed as dist
 
 #----------------------------------------------------------------------------
-# Feature detectors, one per metric. Each takes a uint8 NCHW RGB batch and returns [N, D] features.
-# `source` overrides where the detector comes from (a local file for offline machines).
+# Feature detectors, one per metric. Each takes a uint8 NCHW RGB batch and returns [N, feature_dim] features.
+# `source` replaces where the standard model comes from (e.g. a local copy, for offline machines).
 
 class DetectorUnavailable(RuntimeError):
     """A detector could not be fetched or built."""
@@ -27,76 +29,106 @@ def _offline_hint(metric, source, err):
             f'--detector={metric}=/path/to/local/file')
 
 
-def _load_pickled_model(metric, source, verbose):
+def _load_pickled_model(metric, source):
     try:
-        f = dnnlib.util.open_url(source, verbose=verbose)
+        f = dnnlib.util.open_url(source, verbose=False)
     except Exception as err:
         raise DetectorUnavailable(_offline_hint(metric, source, err)) from err
     with f:
         return pickle.load(f)
 
 
-class InceptionDetector:
+class Detector:
+    """Base class: maps a uint8 NCHW RGB batch to [N, feature_dim] features.
+
+    `feature_dim` is the standard model's; the statistics take the size of the features they get.
+    """
+
+    def __init__(self, feature_dim):
+        self.feature_dim = feature_dim
+
+    def __call__(self, images):
+        raise NotImplementedError(f'{type(self).__name__} must implement __call__')
+
+
+class InceptionV3Detector(Detector):
     """InceptionV3 pool features (2048-D); the pickled model resizes and normalises internally."""
     default_source = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 
-    def __init__(self, source=None, verbose=True):
-        self.model = _load_pickled_model('fid', source or self.default_source, verbose)
+    def __init__(self, source=None):
+        super().__init__(feature_dim=2048)
+        self.model = _load_pickled_model('fid', source or self.default_source)
 
     def __call__(self, images):
         return self.model.to(images.device)(images, return_features=True)
 
 
-class DINOv2Detector:
+class DINOv2Detector(Detector):
     """DINOv2 ViT-L/14 class-token embedding (1024-D) of 224x224 ImageNet-normalised images.
 
-    `source` is a torch.hub GitHub repo ('owner/name:ref'), a local hub checkout directory, or a
-    pickled model (path or URL).
+    `resize_mode` 'torch' resizes with torch's antialiased bicubic filter on the device; 'pil' uses
+    PIL's bicubic filter on the CPU, as the original FD_DINOv2 code (dgm-eval) does (slower, nearly
+    the same features). `source` is a torch.hub GitHub repo ('owner/name:ref'), a local hub checkout
+    directory, or a pickled model (path or URL).
     """
     default_source = 'facebookresearch/dinov2:main'
     image_mean = (0.485, 0.456, 0.406)
     image_std = (0.229, 0.224, 0.225)
 
-    def __init__(self, source=None, verbose=True):
+    def __init__(self, resize_mode='torch', source=None):
+        super().__init__(feature_dim=1024)
+        if resize_mode not in ('torch', 'pil'):
+            raise ValueError(f'resize_mode must be "torch" or "pil", not {resize_mode!r}')
+        self.resize_mode = resize_mode
         source = source or self.default_source
         if os.path.isfile(source) or '://' in source:
-            self.model = _load_pickled_model('fd_dinov2', source, verbose)
+            self.model = _load_pickled_model('fd_dinov2', source)
         else:
-            self.model = self._load_from_hub(source, verbose)
+            self.model = self._load_from_hub(source)
         self.model.eval().requires_grad_(False)
 
     @staticmethod
-    def _load_from_hub(source, verbose):
+    def _load_from_hub(source):
         torch.hub.set_dir(dnnlib.make_cache_dir_path('torch_hub'))
         where = 'local' if os.path.isdir(source) else 'github'
         try:
-            return torch.hub.load(source, 'dinov2_vitl14', source=where, trust_repo=True, verbose=verbose, skip_validation=True)
+            return torch.hub.load(source, 'dinov2_vitl14', source=where, trust_repo=True, verbose=False, skip_validation=True)
         except Exception as err:
             raise DetectorUnavailable(_offline_hint('fd_dinov2', f'torch.hub repo {source}', err)) from err
 
+    def _resize(self, images):
+        if self.resize_mode == 'torch':
+            return torch.nn.functional.interpolate(images.to(torch.float32), size=(224, 224), mode='bicubic', antialias=True)
+        pixels = images.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        resized = [np.asarray(PIL.Image.fromarray(p).resize((224, 224), PIL.Image.Resampling.BICUBIC)) for p in pixels]
+        return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).to(images.device, torch.float32)
+
     def __call__(self, images):
-        x = torch.nn.functional.interpolate(images.to(torch.float32), size=(224, 224), mode='bicubic', antialias=True)
+        x = self._resize(images)
         mean = torch.tensor(self.image_mean, device=x.device).reshape(1, -1, 1, 1)
         std = torch.tensor(self.image_std, device=x.device).reshape(1, -1, 1, 1)
         return self.model.to(x.device)((x / 255 - mean) / std)
 
 
-DETECTORS = {'fid': InceptionDetector, 'fd_dinov2': DINOv2Detector}
+# Metric name -> dnnlib.util.construct_class_by_name() arguments of its detector.
+metric_specs = {metric: dnnlib.EasyDict(detector_kwargs=dnnlib.EasyDict(class_name=detector_class))
+                for metric, detector_class in [('fid', InceptionV3Detector), ('fd_dinov2', DINOv2Detector)]}
 
 _detector_cache = {}
 
 
-def get_detector(metric, source=None, verbose=True):
-    """Build (once per process) the detector for a metric; rank 0 goes first so that downloads happen once."""
-    if metric not in DETECTORS:
-        raise ValueError(f'Unknown metric "{metric}"; expected one of {sorted(DETECTORS)}')
+def get_detector(metric, verbose=True, source=None):
+    """The detector of a metric, built once per process (first on each node, so that downloads happen once)."""
+    if metric not in metric_specs:
+        raise ValueError(f'Unknown metric "{metric}"; expected one of {sorted(metric_specs)}')
     key = (metric, source)
     if key not in _detector_cache:
-        if dist.get_rank() != 0:
-            generate_images.barrier_if_distributed()
-        _detector_cache[key] = DETECTORS[metric](source, verbose=(verbose and dist.get_rank() == 0))
-        if dist.get_rank() == 0:
-            generate_images.barrier_if_distributed()
+        kwargs = dnnlib.EasyDict(metric_specs[metric].detector_kwargs)
+        if source is not None:
+            kwargs.source = source
+        if verbose:
+            dist.print0(f'Setting up the {metric} detector ...')
+        _detector_cache[key] = dist.node_first(dnnlib.util.construct_class_by_name, **kwargs)
     return _detector_cache[key]
 
 #----------------------------------------------------------------------------
@@ -144,34 +176,119 @@ class FeatureMoments:
         return mu.cpu().numpy(), sigma.cpu().numpy()
 
 
-def compute_stats(image_batches, metrics, detector_sources=None, device=None, verbose=True):
-    """Feature statistics of all images on all ranks: {'num_images': N, metric: {'mu': [D], 'sigma': [D, D]}}."""
+def _with_last_flag(iterable):
+    """(item, is_last) pairs, one item ahead, so that the end is known without len()."""
+    iterator = iter(iterable)
+    for item in iterator:
+        for following in iterator:
+            yield item, False
+            item = following
+        yield item, True
+
+
+def _batch_images(batch, device):
+    """The uint8 NCHW images of a batch given as images, an (images, labels) pair or a dict; None if empty."""
+    if isinstance(batch, dict):
+        batch = batch['images']
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        batch = batch[0]
+    return None if batch is None else torch.as_tensor(batch).to(device)
+
+
+def _sum_over_ranks(count, device):
+    if dist.get_world_size() == 1:
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total)
+
+
+def calculate_stats_for_iterable(image_iter, metrics=['fid', 'fd_dinov2'], verbose=True, dest_path=None, device=None,
+                                 detector_sources=None):
+    """Feature statistics of the image batches of all ranks, computed while the result is iterated.
+
+    Returns a BatchIterable yielding, per batch, EasyDict(stats, images, batch_idx, num_batches,
+    num_images): num_images counts the images of all ranks so far, and stats is None except for the
+    last batch, where it is {'num_images': N, metric: {'mu': [D], 'sigma': [D, D]}} (float64), also
+    saved to `dest_path` by rank 0 unless that is None. A batch is uint8 NCHW images (1-channel
+    images are used as RGB), an (images, labels) pair or a dict with 'images'; None counts as empty.
+    Every rank must give the same number of batches. `detector_sources` maps metrics to
+    get_detector() sources; `device` None picks CUDA when available, else the CPU.
+    """
     device = torch.device(device) if device is not None else generate_images.default_device()
     detector_sources = detector_sources or {}
-    detectors = {metric: get_detector(metric, detector_sources.get(metric), verbose) for metric in metrics}
-    moments = {metric: FeatureMoments() for metric in metrics}
-    for images in image_batches:
-        images = torch.as_tensor(images).to(device)
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)  # the detectors expect RGB
-        with torch.no_grad():
-            for metric in metrics:
-                moments[metric].add(detectors[metric](images))
-    stats = {}
-    for metric in metrics:
-        moments[metric].all_reduce(device)
-        mu, sigma = moments[metric].mean_and_cov()
-        stats[metric] = dict(mu=mu, sigma=sigma)
-    return {'num_images': moments[metrics[0]].count, **stats}
+    detectors = {metric: get_detector(metric, verbose=verbose, source=detector_sources.get(metric)) for metric in metrics}
+    num_batches = len(image_iter) if hasattr(image_iter, '__len__') else None
+    if verbose:
+        dist.print0(f'Computing feature statistics for {", ".join(metrics)} ...')
+
+    def results():
+        moments = {metric: FeatureMoments() for metric in metrics}
+        count = 0
+        for batch_idx, (batch, is_last) in enumerate(_with_last_flag(image_iter)):
+            images = _batch_images(batch, device)
+            if images is not None:
+                rgb = images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
+                with torch.no_grad():
+                    for metric in metrics:
+                        moments[metric].add(detectors[metric](rgb))
+                count += images.shape[0]
+            r = dnnlib.EasyDict(stats=None, images=images, batch_idx=batch_idx, num_batches=num_batches,
+                                num_images=_sum_over_ranks(count, device))
+            if is_last:
+                r.stats = dict(num_images=r.num_images)
+                for metric in metrics:
+                    moments[metric].all_reduce(device)
+                    mu, sigma = moments[metric].mean_and_cov()
+                    r.stats[metric] = dict(mu=mu, sigma=sigma)
+                if dest_path is not None and dist.get_rank() == 0:
+                    save_stats(r.stats, dest_path, verbose=False)
+            yield r
+
+    return generate_images.BatchIterable(num_batches, results)
+
+
+def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_size=64, num_workers=2, prefetch_factor=2,
+                              verbose=True, **stats_kwargs):
+    """calculate_stats_for_iterable() of the images in a folder or ZIP, split across ranks.
+
+    `num_images` None uses every image, a number a random subset of that size chosen by `seed`.
+    `stats_kwargs` go to calculate_stats_for_iterable() (metrics, dest_path, device, ...).
+    """
+    from training.dataset import ImageFolderDataset
+    if verbose:
+        dist.print0(f'Reading the image list of {image_path} ...')
+    dataset = ImageFolderDataset(path=image_path, max_size=num_images, random_seed=seed)
+    if num_images is not None and len(dataset) < num_images:
+        raise click.ClickException(f'{image_path} holds {len(dataset)} images, fewer than the {num_images} asked for')
+    if len(dataset) < 2:
+        raise click.ClickException(f'{image_path} holds {len(dataset)} images; statistics need at least 2')
+    chunks = generate_images.rank_batches(len(dataset), max_batch_size)
+    filled = [chunk for chunk in chunks if len(chunk) > 0]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=filled, num_workers=num_workers,
+                                         prefetch_factor=(prefetch_factor if num_workers > 0 else None))
+    # A DataLoader cannot give an empty batch; a rank's empty chunks are its last ones and go on as None.
+    batches = generate_images.BatchIterable(len(chunks), lambda: itertools.chain(loader, [None] * (len(chunks) - len(filled))))
+    return calculate_stats_for_iterable(batches, verbose=verbose, **stats_kwargs)
 
 
 def load_stats(path, verbose=True):
     """Reference statistics: an EDM2 pickle (path or URL), or an EDM1 .npz holding Inception 'mu'/'sigma'."""
+    if verbose:
+        dist.print0(f'Loading reference statistics from {path} ...')
     with dnnlib.util.open_url(path, verbose=verbose) as f:
         if path.lower().endswith('.npz'):
             arrays = np.load(f)
             return {'fid': dict(mu=arrays['mu'], sigma=arrays['sigma'])}
         return pickle.load(f)
+
+
+def save_stats(stats, path, verbose=True):
+    """Write statistics as a plain pickle, atomically; missing folders are created."""
+    if verbose:
+        dist.print0(f'Writing statistics to {path} ...')
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    dist.write_file_atomically(path, lambda f: pickle.dump(stats, f))
 
 
 def frechet_distance(mu, sigma, mu_ref, sigma_ref):
@@ -181,8 +298,11 @@ def frechet_distance(mu, sigma, mu_ref, sigma_ref):
     return float(np.real(mean_term + np.trace(sigma + sigma_ref - 2 * cross_root)))
 
 
-def calculate_metrics_from_stats(stats, ref, metrics, verbose=True):
-    """Fréchet distance per metric present in both; others are skipped with a message."""
+def calculate_metrics_from_stats(stats, ref, metrics=['fid', 'fd_dinov2'], verbose=True):
+    """Fréchet distance per metric present in both `stats` and `ref` (statistics, or a path or URL to load
+    them from); others are skipped with a message."""
+    if isinstance(ref, (str, os.PathLike)):
+        ref = load_stats(str(ref), verbose=verbose)
     results = {}
     for metric in metrics:
         if metric not in stats or metric not in ref:
@@ -196,34 +316,14 @@ def calculate_metrics_from_stats(stats, ref, metrics, verbose=True):
     return results
 
 #----------------------------------------------------------------------------
-# Image sources.
-
-def dataset_batches(path, num=None, seed=0, max_batch_size=64, num_workers=2, verbose=True):
-    """uint8 NCHW batches of this rank's share of an image folder/ZIP; `num` picks a seeded random subset."""
-    from training.dataset import ImageFolderDataset
-    dataset = ImageFolderDataset(path=path, max_size=num, random_seed=seed)
-    if num is not None and len(dataset) < num:
-        raise click.ClickException(f'{path} holds {len(dataset)} images, fewer than --num={num}')
-    chunks = [chunk for chunk in generate_images.rank_batches(len(dataset), max_batch_size) if len(chunk) > 0]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=num_workers,
-                                         prefetch_factor=(2 if num_workers > 0 else None))
-    for images, _labels in tqdm.tqdm(loader, unit='batch', disable=not (verbose and dist.get_rank() == 0)):
-        yield images
-
-
-def generated_batches(net, num, seed=0, max_batch_size=32, verbose=True):
-    """Images for seeds seed .. seed+num-1, sampled as generate_images.py would (students use their own sampler)."""
-    for r in generate_images.generate_images(net=net, seeds=range(seed, seed + num), max_batch_size=max_batch_size, verbose=verbose):
-        yield r.images
-
-#----------------------------------------------------------------------------
 # Command line.
 
-def parse_metrics(ctx, param, text):
-    metrics = [name.strip() for name in text.split(',') if name.strip()]
-    unknown = [name for name in metrics if name not in DETECTORS]
+def parse_metric_list(s):
+    """'fid,fd_dinov2' -> ['fid', 'fd_dinov2']; a list passes through."""
+    metrics = s if isinstance(s, list) else [name.strip() for name in s.split(',') if name.strip()]
+    unknown = [name for name in metrics if name not in metric_specs]
     if unknown or not metrics:
-        raise click.BadParameter(f'{unknown or text!r}: expected a comma-separated list from {sorted(DETECTORS)}')
+        raise click.BadParameter(f'{unknown or s!r}: expected a comma-separated list from {sorted(metric_specs)}')
     return metrics
 
 
@@ -231,17 +331,10 @@ def parse_detector_sources(ctx, param, values):
     sources = {}
     for text in values:
         metric, sep, source = text.partition('=')
-        if not sep or metric not in DETECTORS or not source:
-            raise click.BadParameter(f'"{text}": expected METRIC=PATH_OR_URL with METRIC one of {sorted(DETECTORS)}')
+        if not sep or metric not in metric_specs or not source:
+            raise click.BadParameter(f'"{text}": expected METRIC=PATH_OR_URL with METRIC one of {sorted(metric_specs)}')
         sources[metric] = source
     return sources
-
-
-def _rank0_load_ref(ref_path):
-    if dist.get_rank() != 0:
-        return None
-    print(f'Loading reference statistics from {ref_path} ...')
-    return load_stats(ref_path)
 
 
 def _run(fn):
@@ -251,12 +344,23 @@ def _run(fn):
         raise click.ClickException(str(err)) from err
 
 
-metrics_option = click.option('--metrics', help='Comma-separated metrics', metavar='LIST', default='fid,fd_dinov2', show_default=True, callback=parse_metrics)
+def _final_stats(stats_iter):
+    """Run a calculate_stats_*() result to its end, with a progress bar on rank 0."""
+    for r in tqdm.tqdm(stats_iter, unit='batch', disable=dist.get_rank() != 0):
+        pass
+    return r.stats
+
+
+def _rank0_load_stats(ref_path):
+    return load_stats(ref_path) if dist.get_rank() == 0 else None  # before the long part, so that a bad path fails fast
+
+
+metrics_option = click.option('--metrics', help='Comma-separated metrics', metavar='LIST', type=parse_metric_list, default='fid,fd_dinov2', show_default=True)
 detector_option = click.option('--detector', 'detector_sources', help='Local file or URL for a metric\'s detector, e.g. fid=inception-2015-12-05.pkl (repeatable)', metavar='METRIC=PATH', multiple=True, callback=parse_detector_sources)
 
 
 @click.group()
-def cli():
+def cmdline():
     """Compute FID and FD_DINOv2 against reference statistics.
 
     \b
@@ -275,67 +379,63 @@ def cli():
     """
 
 
-@cli.command()
+@cmdline.command()
 @click.option('--images', 'image_path', help='Image folder or ZIP', metavar='PATH|ZIP', required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', required=True)
 @metrics_option
-@click.option('--num', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--num', 'num_images', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Seed for choosing the subset', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Largest batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers', 'num_workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @detector_option
-def calc(image_path, ref_path, metrics, num, seed, max_batch_size, num_workers, detector_sources):
+def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_workers, detector_sources):
     """Metrics of a folder of images."""
     torch.multiprocessing.set_start_method('spawn')
     dist.init()
-    ref = _run(lambda: _rank0_load_ref(ref_path))
-    dist.print0(f'Computing features of {num} images from {image_path} ...')
-    batches = dataset_batches(image_path, num=num, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers)
-    stats = _run(lambda: compute_stats(batches, metrics, detector_sources))
+    ref = _rank0_load_stats(ref_path)
+    stats = _run(lambda: _final_stats(calculate_stats_for_files(
+        image_path, num_images=num_images, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers,
+        metrics=metrics, detector_sources=detector_sources)))
     if dist.get_rank() == 0:
         calculate_metrics_from_stats(stats, ref, metrics)
 
 
-@cli.command()
+@cmdline.command()
 @click.option('--net', help='Network pickle', metavar='PKL|URL', required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='PKL|NPZ|URL', required=True)
 @metrics_option
-@click.option('--num', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
+@click.option('--num', 'num_images', help='Number of images to generate', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='First seed', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--batch', 'max_batch_size', help='Largest batch per process', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @detector_option
-def gen(net, ref_path, metrics, num, seed, max_batch_size, detector_sources):
+def gen(net, ref_path, metrics, num_images, seed, max_batch_size, detector_sources):
     """Metrics of images generated on the fly (nothing is saved)."""
     dist.init()
-    ref = _run(lambda: _rank0_load_ref(ref_path))
-    dist.print0(f'Generating {num} images with {net} ...')
-    batches = generated_batches(net, num=num, seed=seed, max_batch_size=max_batch_size)
-    stats = _run(lambda: compute_stats(batches, metrics, detector_sources))
+    ref = _rank0_load_stats(ref_path)
+    stats = _run(lambda: _final_stats(calculate_stats_for_iterable(
+        generate_images.generate_images(net=net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size),
+        metrics=metrics, detector_sources=detector_sources)))
     if dist.get_rank() == 0:
         calculate_metrics_from_stats(stats, ref, metrics)
 
 
-@cli.command()
-@click.option('--data', 'data_path', help='Image folder or ZIP', metavar='PATH|ZIP', required=True)
-@click.option('--dest', help='Output statistics pickle', metavar='PKL', required=True)
+@cmdline.command()
+@click.option('--data', 'image_path', help='Image folder or ZIP', metavar='PATH|ZIP', required=True)
+@click.option('--dest', 'dest_path', help='Output statistics pickle', metavar='PKL', required=True)
 @metrics_option
 @click.option('--batch', 'max_batch_size', help='Largest batch per process', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--workers', 'num_workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @detector_option
-def ref(data_path, dest, metrics, max_batch_size, num_workers, detector_sources):
+def ref(image_path, dest_path, metrics, max_batch_size, num_workers, detector_sources):
     """Reference statistics of all images in a dataset."""
     torch.multiprocessing.set_start_method('spawn')
     dist.init()
-    dist.print0(f'Computing features of all images in {data_path} ...')
-    batches = dataset_batches(data_path, max_batch_size=max_batch_size, num_workers=num_workers)
-    stats = _run(lambda: compute_stats(batches, metrics, detector_sources))
-    if dist.get_rank() == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        with open(dest, 'wb') as f:
-            pickle.dump(stats, f)
-        print(f'Saved statistics of {stats["num_images"]} images to {dest}')
+    stats = _run(lambda: _final_stats(calculate_stats_for_files(
+        image_path, max_batch_size=max_batch_size, num_workers=num_workers, metrics=metrics,
+        detector_sources=detector_sources, dest_path=dest_path)))
+    dist.print0(f'Saved statistics of {stats["num_images"]} images to {dest_path}')
 
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    cli()
+    cmdline()

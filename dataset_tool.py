@@ -1,4 +1,5 @@
-"""Build datasets for train_edm2.py: PNG image sets (convert) and VAE latent sets (encode).
+"""Build datasets for train_edm2.py: PNG image sets (convert), VAE latent sets (encode) and PNG
+sets decoded back from latents (decode).
 
 Output layout (ZIP or directory): 00000/img00000000.png, ... or 00000/img-mean-std-00000000.npy,
 1000 files per folder, and dataset.json with {"labels": [[path, label], ...]} or {"labels": null}.
@@ -19,11 +20,15 @@ from tqdm import tqdm
 from training.encoders import StabilityVAEEncoder
 
 #----------------------------------------------------------------------------
-# Sources. Each opener returns (names, load_image, labels): the sorted image names, a function
-# name -> PIL image, and a dict name -> label (or None when the source has no labels).
+# Sources. Each opener returns (names, load, labels): the sorted sample names, a function
+# name -> sample (a PIL image, or a numpy array for latents), and a dict name -> label (or None
+# when the source has no labels).
 
 def is_image_name(name):
     return os.path.splitext(name)[1].lower() in PIL.Image.registered_extensions()
+
+def is_latent_name(name):
+    return name.lower().endswith('.npy')
 
 def parse_labels_json(data, where):
     try:
@@ -32,29 +37,37 @@ def parse_labels_json(data, where):
     except (ValueError, KeyError, TypeError) as err:
         raise click.ClickException(f'{where}: expected {{"labels": [[path, label], ...]}} or {{"labels": null}} ({err})')
 
-def open_folder(path):
+def open_folder(path, keep, load):
     names = sorted(os.path.relpath(os.path.join(root, fname), path).replace(os.sep, '/')
-        for root, _dirs, fnames in os.walk(path) for fname in fnames if is_image_name(fname))
+        for root, _dirs, fnames in os.walk(path) for fname in fnames if keep(fname))
     json_path = os.path.join(path, 'dataset.json')
     labels = None
     if os.path.isfile(json_path):
         with open(json_path, 'rb') as f:
             labels = parse_labels_json(f.read(), json_path)
-    if labels is None:
-        # Without dataset.json, images grouped in several top-level folders are labelled by folder.
-        groups = [name.split('/')[0] if '/' in name else '' for name in names]
-        group_ids = {group: idx for idx, group in enumerate(sorted(set(groups)))}
-        if len(group_ids) > 1:
-            labels = {name: group_ids[group] for name, group in zip(names, groups)}
-    return names, lambda name: PIL.Image.open(os.path.join(path, name)), labels
+    return names, lambda name: load(os.path.join(path, name)), labels
 
-def open_zip(path):
+def open_zip(path, keep, load):
     archive = zipfile.ZipFile(path)
-    names = sorted(name for name in archive.namelist() if is_image_name(name))
+    names = sorted(name for name in archive.namelist() if keep(name))
     labels = None
     if 'dataset.json' in archive.namelist():
         labels = parse_labels_json(archive.read('dataset.json'), f'{path}/dataset.json')
-    return names, lambda name: PIL.Image.open(io.BytesIO(archive.read(name))), labels
+    return names, lambda name: load(io.BytesIO(archive.read(name))), labels
+
+def open_files(source, keep, load, kinds='a directory or a .zip file'):
+    if os.path.isdir(source):
+        return open_folder(source, keep, load)
+    if os.path.isfile(source) and source.lower().endswith('.zip'):
+        return open_zip(source, keep, load)
+    if not os.path.exists(source):
+        raise click.ClickException(f'--source {source} does not exist')
+    raise click.ClickException(f'--source {source} must be {kinds}')
+
+def labels_from_folders(names):
+    groups = [name.split('/')[0] if '/' in name else '' for name in names]
+    group_ids = {group: idx for idx, group in enumerate(sorted(set(groups)))}
+    return {name: group_ids[group] for name, group in zip(names, groups)} if len(group_ids) > 1 else None
 
 def open_sklearn_digits(size):
     from sklearn.datasets import load_digits # imported here: only this source needs scikit-learn
@@ -71,13 +84,21 @@ def open_sklearn_digits(size):
 def open_source(source, size=None):
     if source == 'sklearn-digits':
         return open_sklearn_digits(size)
-    if os.path.isdir(source):
-        return open_folder(source)
-    if os.path.isfile(source) and source.lower().endswith('.zip'):
-        return open_zip(source)
-    if not os.path.exists(source):
-        raise click.ClickException(f'--source {source} does not exist')
-    raise click.ClickException(f'--source {source} must be a directory, a .zip file or sklearn-digits')
+    names, load_image, labels = open_files(source, is_image_name, PIL.Image.open, 'a directory, a .zip file or sklearn-digits')
+    if labels is None and os.path.isdir(source):
+        # Without dataset.json labels, images grouped in several top-level folders are labelled by folder.
+        labels = labels_from_folders(names)
+    return names, load_image, labels
+
+def open_latents(source):
+    """The .npy samples of a dataset written by encode; images are listed only to name them in the error."""
+    names, load_latents, labels = open_files(source, lambda name: is_latent_name(name) or is_image_name(name), np.load)
+    latent_names = [name for name in names if is_latent_name(name)]
+    if len(latent_names) == 0 and len(names) > 0:
+        raise click.ClickException(f'--source {source} holds images ({names[0]}, ...), not VAE latents; decode reads the .npy files written by encode')
+    if len(latent_names) == 0:
+        raise click.ClickException(f'--source {source} contains no .npy latents')
+    return latent_names, load_latents, labels
 
 def load_rgb(load_image, name, source):
     try:
@@ -85,6 +106,16 @@ def load_rgb(load_image, name, source):
             return image.convert('RGB')
     except Exception as err:
         raise click.ClickException(f'Cannot read image {name} from {source}: {err}')
+
+def load_mean_std(load_latents, name, source):
+    try:
+        mean_std = load_latents(name)
+    except Exception as err:
+        raise click.ClickException(f'Cannot read latents {name} from {source}: {err}')
+    if mean_std.ndim != 3 or mean_std.shape[0] != 8:
+        raise click.ClickException(f'Latents {name} in {source} have shape {list(mean_std.shape)}; '
+            'expected [8, H/8, W/8], the mean and std of the 4 VAE channels as encode writes them')
+    return mean_std
 
 #----------------------------------------------------------------------------
 # Transforms: PIL image -> PIL image of the requested size, or None to skip the image.
@@ -170,6 +201,11 @@ def labels_json(entries):
     labelled = all(label is not None for _name, label in entries)
     return json.dumps({'labels': entries if labelled else None}).encode()
 
+def png_bytes(image):
+    data = io.BytesIO()
+    image.save(data, format='png', compress_level=0, optimize=False)
+    return data.getvalue()
+
 #----------------------------------------------------------------------------
 # Command line.
 
@@ -190,6 +226,7 @@ def cli():
     python dataset_tool.py convert --source=downloads/imagenet/train --dest=datasets/img512.zip \\
         --resolution=512x512 --transform=center-crop-dhariwal
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
+    python dataset_tool.py decode --source=datasets/img512-sd.zip --dest=datasets/img512-decoded.zip
     """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size != 1:
@@ -225,12 +262,20 @@ def convert(source, dest, max_images, transform, resolution):
                 continue # skipped images keep their index, as in EDM2
             first_size = first_size or image.size
             check_output_size(image.size, first_size, name)
-            data = io.BytesIO()
-            image.save(data, format='png', compress_level=0, optimize=False)
             out_name = archive_name(idx, 'img', 'png')
-            writer.write(out_name, data.getvalue())
+            writer.write(out_name, png_bytes(image))
             entries.append([out_name, labels.get(name)])
         writer.write('dataset.json', labels_json(entries))
+
+def load_vae(model_url):
+    """The VAE with one image per call, on CUDA when available, else on the CPU."""
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    vae = StabilityVAEEncoder(vae_name=model_url, batch_size=1)
+    try:
+        vae.init(device)
+    except (OSError, RuntimeError) as err:
+        raise click.ClickException(f'--model-url: {err}')
+    return vae, device
 
 @cli.command()
 @click.option('--model-url', help='VAE: Hugging Face name or local diffusers directory', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
@@ -239,13 +284,11 @@ def convert(source, dest, max_images, transform, resolution):
 @click.option('--max-images', help='Use at most this many source images', metavar='INT', type=click.IntRange(min=1))
 def encode(model_url, source, dest, max_images):
     """Encode an image dataset into VAE latents (mean and std, float32 NPY)."""
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    vae = StabilityVAEEncoder(vae_name=model_url, batch_size=1)
-    vae.init(device)
     names, load_image, labels = open_source(source)
     names = names[:max_images]
     if len(names) == 0:
         raise click.ClickException(f'--source {source} contains no images')
+    vae, device = load_vae(model_url)
     labels = labels or {}
     entries = []
     with DatasetWriter(dest) as writer:
@@ -257,6 +300,33 @@ def encode(model_url, source, dest, max_images):
             np.save(data, latents)
             out_name = archive_name(idx, 'img-mean-std-', 'npy')
             writer.write(out_name, data.getvalue())
+            entries.append([out_name, labels.get(name)])
+        writer.write('dataset.json', labels_json(entries))
+
+@cli.command()
+@click.option('--model-url', help='VAE: Hugging Face name or local diffusers directory', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
+@click.option('--source', help='Latent dataset written by encode: directory or ZIP archive', metavar='PATH', type=str, required=True)
+@click.option('--dest', help='Output .zip archive or directory', metavar='PATH', type=str, required=True)
+@click.option('--max-images', help='Use at most this many source latents', metavar='INT', type=click.IntRange(min=1))
+def decode(model_url, source, dest, max_images):
+    """Decode a VAE latent dataset back into a PNG dataset with the same labels.
+
+    Each image is decoded from the stored posterior mean (the std half is not used), so the output
+    does not depend on random numbers. EDM2's decode instead decodes one posterior sample,
+    mean + std * noise, the way training draws latents.
+    """
+    names, load_latents, labels = open_latents(source)
+    names = names[:max_images]
+    vae, device = load_vae(model_url)
+    labels = labels or {}
+    entries = []
+    with DatasetWriter(dest) as writer:
+        for idx, name in enumerate(tqdm(names, desc='decode', unit='img')):
+            mean = torch.from_numpy(load_mean_std(load_latents, name, source)[:4]).unsqueeze(0).to(device, torch.float32)
+            final = vae.encode_latents(torch.cat([mean, torch.zeros_like(mean)], dim=1)) # zero std: the scaled mean, no noise
+            pixels = vae.decode(final)[0].permute(1, 2, 0).cpu().numpy()
+            out_name = archive_name(idx, 'img', 'png')
+            writer.write(out_name, png_bytes(PIL.Image.fromarray(pixels, 'RGB')))
             entries.append([out_name, labels.get(name)])
         writer.write('dataset.json', labels_json(entries))
 

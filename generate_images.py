@@ -17,12 +17,12 @@ from training.consistency_ops import make_karras_sigmas
 from training.encoders import StandardRGBEncoder
 
 #----------------------------------------------------------------------------
-# Published EDM2 models: preset name -> (net, guiding net, guidance).
-# File names are relative to MODEL_ROOT.
+# Published EDM2 models: preset name -> (net, guiding net, guidance), file names relative to model_root.
+# config_presets holds the same as EasyDicts of generate_images() arguments (net, and gnet and guidance if guided).
 
-MODEL_ROOT = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
+model_root = 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
 
-PRESETS = {
+_PUBLISHED_MODELS = {
     'edm2-img512-xs-fid':              ('edm2-img512-xs-2147483-0.135.pkl',  None, None),
     'edm2-img512-xs-dino':             ('edm2-img512-xs-2147483-0.200.pkl',  None, None),
     'edm2-img512-s-fid':               ('edm2-img512-s-2147483-0.130.pkl',   None, None),
@@ -60,6 +60,16 @@ PRESETS = {
     'edm2-img64-s-autog-fid':          ('edm2-img64-s-1073741-0.045.pkl',    'edm2-img64-xs-0134217-0.110.pkl',         1.70),
     'edm2-img64-s-autog-dino':         ('edm2-img64-s-1073741-0.105.pkl',    'edm2-img64-xs-0134217-0.175.pkl',         2.20),
 }
+
+
+def _preset(net_file, gnet_file, guidance):
+    preset = dnnlib.EasyDict(net=f'{model_root}/{net_file}')
+    if gnet_file is not None:
+        preset.update(gnet=f'{model_root}/{gnet_file}', guidance=guidance)
+    return preset
+
+
+config_presets = {name: _preset(*files) for name, files in _PUBLISHED_MODELS.items()}
 
 #----------------------------------------------------------------------------
 # Samplers. Each maps pure noise (unit variance) to a latent batch; `net` is a denoiser D(x; sigma).
@@ -142,8 +152,8 @@ class StackedRandomGenerator:
     def randn(self, size, **kwargs):
         return self._stack(lambda g, shape: torch.randn(shape, generator=g, **kwargs), size)
 
-    def randn_like(self, x):
-        return self.randn(x.shape, dtype=x.dtype, layout=x.layout, device=x.device)
+    def randn_like(self, input):
+        return self.randn(input.shape, dtype=input.dtype, layout=input.layout, device=input.device)
 
     def randint(self, *args, size, **kwargs):
         return self._stack(lambda g, shape: torch.randint(*args, size=shape, generator=g, **kwargs), size)
@@ -159,9 +169,20 @@ def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
-def barrier_if_distributed():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+class BatchIterable:
+    """Per-batch results that can be iterated (each time afresh) and know their count, for len() and tqdm."""
+
+    def __init__(self, num_batches, make_iterator):
+        self.num_batches = num_batches
+        self._make_iterator = make_iterator
+
+    def __len__(self):
+        if self.num_batches is None:
+            raise TypeError('The number of batches is not known in advance')
+        return self.num_batches
+
+    def __iter__(self):
+        return self._make_iterator()
 
 
 def load_network_pickle(source, verbose=True):
@@ -173,14 +194,28 @@ def load_network_pickle(source, verbose=True):
     return data
 
 
-def load_rank0_first(source, verbose=True):
-    """Load on rank 0 before the others, so that a download happens only once."""
-    if dist.get_rank() != 0:
-        barrier_if_distributed()
-    data = load_network_pickle(source, verbose=(verbose and dist.get_rank() == 0))
-    if dist.get_rank() == 0:
-        barrier_if_distributed()
-    return data
+def _network_data(net, role, verbose):
+    """The pickle dict behind `net` (a path, URL or loaded dict), or None for a module."""
+    if isinstance(net, dict):
+        return net
+    if not isinstance(net, (str, os.PathLike)):
+        return None
+    if verbose:
+        dist.print0(f'Loading the {role} from {net} ...')
+    return load_network_pickle(net, verbose=(verbose and dist.get_rank() == 0))
+
+
+def _load_networks(net, gnet, encoder, device, verbose):
+    """(net, gnet, initialised encoder, 'cd' entry or None) for generate_images()."""
+    data = _network_data(net, 'main network', verbose)
+    data = data if data is not None else dict(ema=net)
+    guide = _network_data(gnet, 'guiding network', verbose)
+    if encoder is None:
+        encoder = data.get('encoder')
+    if encoder is None:
+        encoder = StandardRGBEncoder()
+    encoder.init(device)
+    return data['ema'], (gnet if guide is None else guide['ema']), encoder, data.get('cd')
 
 
 def rank_batches(num_items, max_batch_size):
@@ -212,8 +247,16 @@ def image_grid(images):
     return canvas.reshape(rows, cols, c, h, w).transpose(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)
 
 
+def _accepts(fn, name):
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def resolve_sampler(sampler_fn, cd, sampler_kwargs):
-    """Pick the sampler and its settings; consistency students default to their own S-step grid."""
+    """Pick the sampler and its settings; consistency students default to their own S-step grid.
+
+    `sampler_fn` is a function, a name from SAMPLERS, a dotted function name or None (the default).
+    """
     kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
     if cd is not None:
         missing = [key for key in ('S', 'sigma_min', 'sigma_max', 'rho') if key not in cd]
@@ -226,11 +269,13 @@ def resolve_sampler(sampler_fn, cd, sampler_kwargs):
         sampler_fn = sampler_fn or 'euler'
     sampler_fn = sampler_fn or 'heun'
     if isinstance(sampler_fn, str):
-        if sampler_fn not in SAMPLERS:
-            raise GenerationError(f'Unknown sampler "{sampler_fn}"; expected one of {sorted(SAMPLERS)}')
-        sampler_fn = SAMPLERS[sampler_fn]
-    accepted = inspect.signature(sampler_fn).parameters
-    unused = [key for key in kwargs if key not in accepted]
+        if sampler_fn in SAMPLERS:
+            sampler_fn = SAMPLERS[sampler_fn]
+        elif '.' in sampler_fn:
+            sampler_fn = dnnlib.util.get_obj_by_name(sampler_fn)
+        else:
+            raise GenerationError(f'Unknown sampler "{sampler_fn}"; expected one of {sorted(SAMPLERS)} or a dotted function name')
+    unused = [key for key in kwargs if not _accepts(sampler_fn, key)]
     if unused:
         raise GenerationError(f'Sampler {sampler_fn.__name__} does not take {unused}; guidance and S_* options need the Heun sampler')
     return sampler_fn, kwargs
@@ -240,70 +285,76 @@ def resolve_sampler(sampler_fn, cd, sampler_kwargs):
 def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, seeds=range(16, 24), class_idx=None,
                     max_batch_size=32, encoder_batch_size=4, verbose=True, device=None, sampler_fn=None,
                     **sampler_kwargs):
-    """Generate one image per seed, split across ranks; yields an EasyDict per batch and saves PNGs to `outdir`.
+    """Generate one image per seed, split across ranks, and save them as PNGs to `outdir` (None: don't).
 
-    `net` is a network pickle (path, URL or loaded dict) or a denoiser module; a pickle with a 'cd' entry
-    is a consistency student and is sampled, by default, with its own S-step grid. `sampler_fn` is a
-    sampler function, a name from SAMPLERS, or None for that default; `sampler_kwargs` with value None
-    are left at the sampler's default.
+    Returns a BatchIterable: one EasyDict(images, labels, noise, batch_idx, num_batches, indices, seeds)
+    per batch of this rank, with images, labels and noise None for an empty batch. Networks are loaded
+    when called, the images are made while iterating.
+
+    `net` and `gnet` are network pickles (path, URL or loaded dict) or denoiser modules; gnet None
+    means net. A pickle with a 'cd' entry is a consistency student and is sampled, by default, with
+    its own S-step grid. `sampler_fn` is a sampler function, a name from SAMPLERS, a dotted function
+    name, or None for Heun (edm_sampler) on EDM2 models and the consistency sampler on students.
+    `sampler_kwargs` with value None are left at the sampler's default. `encoder_batch_size` None
+    keeps the encoder's own; `device` None picks CUDA when available, else the CPU.
     """
     device = torch.device(device) if device is not None else default_device()
-    cd = None
-    if isinstance(net, (str, os.PathLike, dict)):
-        data = net if isinstance(net, dict) else load_rank0_first(net, verbose)
-        net, cd = data['ema'], data.get('cd')
-        encoder = encoder if encoder is not None else data.get('encoder')
-    if isinstance(gnet, (str, os.PathLike)):
-        gnet = load_rank0_first(gnet, verbose)['ema']
-    if encoder is None:
-        encoder = StandardRGBEncoder()
+    net, gnet, encoder, cd = dist.node_first(_load_networks, net, gnet, encoder, device, verbose)
+    if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
+        encoder.batch_size = encoder_batch_size
     sampler_fn, sampler_kwargs = resolve_sampler(sampler_fn, cd, sampler_kwargs)
-    if gnet is not None:
-        sampler_kwargs['gnet'] = gnet.to(device)
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
         raise GenerationError(f'Class index {class_idx} is out of range for a network with {net.label_dim} classes')
     net.to(device)
-    encoder.init(device)
-    if hasattr(encoder, 'batch_size'):
-        encoder.batch_size = encoder_batch_size
+    if _accepts(sampler_fn, 'gnet'):
+        sampler_kwargs['gnet'] = net if gnet is None else gnet.to(device)
 
     batches = rank_batches(len(seeds), max_batch_size)
-    show_progress = verbose and dist.get_rank() == 0
-    for batch_idx, indices in enumerate(tqdm.tqdm(batches, unit='batch', disable=not show_progress)):
-        batch_seeds = [seeds[i] for i in indices]
-        if batch_seeds:
-            rnd = StackedRandomGenerator(device, batch_seeds)
-            noise = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-            labels = None
-            if net.label_dim > 0:
-                class_ids = rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)
-                if class_idx is not None:
-                    class_ids.fill_(class_idx)
-                labels = torch.eye(net.label_dim, device=device)[class_ids]
-            with torch.no_grad():
-                latents = sampler_fn(net=net, noise=noise, labels=labels, randn_like=rnd.randn_like, **sampler_kwargs)
-                images = encoder.decode(latents)
-            if outdir is not None:
-                for seed, image in zip(batch_seeds, images.cpu().numpy()):
-                    path = image_path(outdir, seed, subdirs)
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    to_pil(image).save(path)
-            yield dnnlib.EasyDict(images=images, labels=labels, noise=noise, batch_idx=batch_idx,
-                                  num_batches=len(batches), indices=indices, seeds=batch_seeds)
-        barrier_if_distributed()
+    if verbose:
+        dist.print0(f'Generating {len(seeds)} images' + (f' to "{outdir}"' if outdir is not None else '') + ' ...')
+
+    def generate_batch(batch_idx, indices):
+        r = dnnlib.EasyDict(images=None, labels=None, noise=None, batch_idx=batch_idx, num_batches=len(batches),
+                            indices=indices, seeds=[seeds[i] for i in indices])
+        if not r.seeds:
+            return r
+        rnd = StackedRandomGenerator(device, r.seeds)
+        r.noise = rnd.randn([len(r.seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        if net.label_dim > 0:
+            class_ids = rnd.randint(net.label_dim, size=[len(r.seeds)], device=device)
+            if class_idx is not None:
+                class_ids.fill_(class_idx)
+            r.labels = torch.eye(net.label_dim, device=device)[class_ids]
+        with torch.no_grad():
+            latents = sampler_fn(net=net, noise=r.noise, labels=r.labels, randn_like=rnd.randn_like, **sampler_kwargs)
+            r.images = encoder.decode(latents)
+        if outdir is not None:
+            for seed, image in zip(r.seeds, r.images.cpu().numpy()):
+                path = image_path(outdir, seed, subdirs)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                to_pil(image).save(path)
+        return r
+
+    def results():
+        for batch_idx, indices in enumerate(batches):
+            r = generate_batch(batch_idx, indices)
+            dist.barrier()  # the ranks move through the batches together
+            yield r
+
+    return BatchIterable(len(batches), results)
 
 #----------------------------------------------------------------------------
 # Command line.
 
-def parse_int_list(text):
-    """'1,4-6,9' -> [1, 4, 5, 6, 9] (ranges inclusive)."""
-    if isinstance(text, list):
-        return text
+def parse_int_list(s):
+    """'1,4-6,9' -> [1, 4, 5, 6, 9] (ranges inclusive); a list passes through."""
+    if isinstance(s, list):
+        return s
     values = []
-    for part in text.split(','):
+    for part in s.split(','):
         bounds = part.strip().split('-')
         if len(bounds) > 2 or not all(b.strip().isdigit() for b in bounds):
-            raise click.BadParameter(f'"{part}" in "{text}" is neither an integer nor a range like 4-6')
+            raise click.BadParameter(f'"{part}" in "{s}" is neither an integer nor a range like 4-6')
         low, high = int(bounds[0]), int(bounds[-1])
         if high < low:
             raise click.BadParameter(f'Range "{part}" ends before it starts')
@@ -320,7 +371,7 @@ def _gather_to_rank0(items):
 
 
 @click.command()
-@click.option('--preset', help='Published EDM2 configuration (sets --net, --gnet, --guidance)', type=click.Choice(sorted(PRESETS)))
+@click.option('--preset', help='Published EDM2 configuration (sets --net, --gnet, --guidance)', type=click.Choice(sorted(config_presets)))
 @click.option('--net', help='Network pickle to sample (path or URL)', metavar='PKL|URL')
 @click.option('--gnet', help='Guiding network pickle (path or URL)', metavar='PKL|URL')
 @click.option('--outdir', help='Directory for the PNG files', metavar='DIR', required=True)
@@ -339,7 +390,7 @@ def _gather_to_rank0(items):
 @click.option('--S_min', 'S_min', help='Lowest noise level with churn (Heun) [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--S_max', 'S_max', help='Highest noise level with churn (Heun) [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--S_noise', 'S_noise', help='Churn noise scale (Heun) [default: 1]', metavar='FLOAT', type=float)
-def cli(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size, grid, sampler_fn, **sampler_kwargs):
+def cmdline(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size, grid, sampler_fn, **sampler_kwargs):
     """Generate images with an EDM2 model or a consistency-distilled student.
 
     \b
@@ -348,16 +399,16 @@ def cli(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size, gr
     python generate_images.py --preset=edm2-img512-s-guid-fid --outdir=out --seeds=0-3
     \b
     # A distilled student with its own S-step sampler, 2 processes, plus a mosaic
+    # (snapshots are named network-snapshot-<kimg, 7 digits>-<EMA std>.pkl)
     torchrun --standalone --nproc_per_node=2 generate_images.py \\
-        --net=training-runs/00000-cd/network-snapshot-0001024.pkl --outdir=out --seeds=0-63 --grid=out/grid.png
+        --net=training-runs/00000-cd/network-snapshot-0000032-0.100.pkl --outdir=out --seeds=0-63 --grid=out/grid.png
     """
     if preset is not None:
-        preset_net, preset_gnet, preset_guidance = PRESETS[preset]
-        net = net if net is not None else f'{MODEL_ROOT}/{preset_net}'
-        if gnet is None and preset_gnet is not None:
-            gnet = f'{MODEL_ROOT}/{preset_gnet}'
+        chosen = config_presets[preset]
+        net = net if net is not None else chosen.net
+        gnet = gnet if gnet is not None else chosen.get('gnet')
         if sampler_kwargs['guidance'] is None:
-            sampler_kwargs['guidance'] = preset_guidance
+            sampler_kwargs['guidance'] = chosen.get('guidance')
     if net is None:
         raise click.ClickException('Give a network with --net or choose a --preset')
     if sampler_kwargs['guidance'] is None or sampler_kwargs['guidance'] == 1:
@@ -367,12 +418,12 @@ def cli(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size, gr
         raise click.ClickException(f'--guidance={sampler_kwargs["guidance"]} needs a guiding network: pass --gnet')
 
     dist.init()
-    dist.print0(f'Generating {len(seeds)} images to "{outdir}" ...')
     kept = []
     try:
-        for r in generate_images(net=net, gnet=gnet, outdir=outdir, subdirs=subdirs, seeds=seeds, class_idx=class_idx,
-                                 max_batch_size=max_batch_size, sampler_fn=sampler_fn, **sampler_kwargs):
-            if grid is not None:
+        image_iter = generate_images(net=net, gnet=gnet, outdir=outdir, subdirs=subdirs, seeds=seeds, class_idx=class_idx,
+                                     max_batch_size=max_batch_size, sampler_fn=sampler_fn, **sampler_kwargs)
+        for r in tqdm.tqdm(image_iter, unit='batch', disable=dist.get_rank() != 0):
+            if grid is not None and r.images is not None:
                 kept.extend(zip(r.indices.tolist(), r.images.cpu().numpy()))
     except GenerationError as err:
         raise click.ClickException(str(err)) from err
@@ -387,4 +438,4 @@ def cli(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size, gr
 #----------------------------------------------------------------------------
 
 if __name__ == '__main__':
-    cli()
+    cmdline()

@@ -31,3 +31,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope='session')
+def tiny_vae_dir(tmp_path_factory):
+    """A tiny randomly initialised AutoencoderKL (downsampling by 8, 4 latent channels), saved
+    like a Hugging Face model so that StabilityVAEEncoder loads it from a local directory."""
+    diffusers = pytest.importorskip('diffusers')
+    with torch.random.fork_rng(devices=[]): # seeds only this VAE, not the tests that follow
+        torch.manual_seed(0)
+        vae = diffusers.models.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
+            norm_num_groups=4, sample_size=16, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4)
+    path = tmp_path_factory.mktemp('tiny_vae')
+    vae.save_pretrained(path)
+    return str(path)

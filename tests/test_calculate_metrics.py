@@ -1,6 +1,7 @@
 """Tests for calculate_metrics.py: Fréchet distance, statistics, the ref/calc/gen commands with tiny detectors."""
 
 import importlib
+import inspect
 import os
 import pickle
 import re
@@ -15,6 +16,9 @@ import torch
 from click.testing import CliRunner
 
 import calculate_metrics
+import dnnlib
+
+EMPTY = inspect.Parameter.empty
 
 # Stand-ins for the Inception and DINOv2 detectors: persistent modules, so their pickles carry their own
 # source and load anywhere, like the official Inception pickle.
@@ -115,17 +119,139 @@ def test_frechet_distance_matches_direct_computation():
     assert one_d == pytest.approx(4 + 1)
 
 
-def test_compute_stats_matches_numpy(detectors):
+@pytest.fixture
+def edm2_detectors(detectors, monkeypatch):
+    """The tiny detectors installed as the standard ones, so that tests can call the API exactly as EDM2 users do."""
     models, paths = detectors
+    for metric, detector_class in [('fid', calculate_metrics.InceptionV3Detector), ('fd_dinov2', calculate_metrics.DINOv2Detector)]:
+        spec = dnnlib.EasyDict(detector_kwargs=dnnlib.EasyDict(class_name=detector_class, source=paths[metric]))
+        monkeypatch.setitem(calculate_metrics.metric_specs, metric, spec)
+    monkeypatch.setattr(calculate_metrics, '_detector_cache', {})
+    return models
+
+
+def test_edm2_signatures():
+    # EDM2's parameter names and defaults; ours adds trailing keyword arguments (detector sources) and picks
+    # the device itself (None: CUDA when available, else the CPU) where EDM2 defaults to CUDA.
+    expected = {
+        'get_detector': [('metric', EMPTY), ('verbose', True)],
+        'load_stats': [('path', EMPTY), ('verbose', True)],
+        'save_stats': [('stats', EMPTY), ('path', EMPTY), ('verbose', True)],
+        'calculate_stats_for_iterable': [('image_iter', EMPTY), ('metrics', ['fid', 'fd_dinov2']), ('verbose', True),
+                                         ('dest_path', None), ('device', None)],
+        'calculate_stats_for_files': [('image_path', EMPTY), ('num_images', None), ('seed', 0), ('max_batch_size', 64),
+                                      ('num_workers', 2), ('prefetch_factor', 2), ('verbose', True), ('stats_kwargs', EMPTY)],
+        'calculate_metrics_from_stats': [('stats', EMPTY), ('ref', EMPTY), ('metrics', ['fid', 'fd_dinov2']), ('verbose', True)],
+        'parse_metric_list': [('s', EMPTY)],
+        'Detector': [('feature_dim', EMPTY)],
+        'InceptionV3Detector': [],
+        'DINOv2Detector': [('resize_mode', 'torch')],
+    }
+    for name, params in expected.items():
+        actual = list(inspect.signature(getattr(calculate_metrics, name)).parameters.values())
+        assert [(p.name, p.default) for p in actual[:len(params)]] == params, name
+        assert all(p.default is not EMPTY for p in actual[len(params):]), name  # what ours adds is optional
+    assert sorted(calculate_metrics.metric_specs) == ['fd_dinov2', 'fid']
+    assert sorted(calculate_metrics.cmdline.commands) == ['calc', 'gen', 'ref']
+
+
+def test_calculate_stats_for_iterable_yields_progress_and_final_stats(edm2_detectors, tmp_path):
+    models = edm2_detectors
     rng = np.random.default_rng(1)
     images = torch.as_tensor(rng.integers(0, 256, size=[11, 3, 8, 8], dtype=np.uint8))
-    batches = [images[:4], images[4:5], images[5:]]
-    stats = calculate_metrics.compute_stats(batches, ['fid'], {'fid': paths['fid']}, device='cpu', verbose=False)
+    labels = torch.zeros([11, 10])
+    # The kinds of batches EDM2 accepts: images, (images, labels) as a DataLoader gives, generate_images() results.
+    batches = [images[:4], (images[4:5], labels[4:5]), dnnlib.EasyDict(images=images[5:9]), images[9:].numpy()]
+    dest_path = str(tmp_path / 'refs' / 'stats.pkl')
+    stats_iter = calculate_metrics.calculate_stats_for_iterable(batches, ['fid'], False, dest_path, 'cpu')
+    assert len(stats_iter) == 4
+    results = list(stats_iter)
+    assert [sorted(r) for r in results] == [['batch_idx', 'images', 'num_batches', 'num_images', 'stats']] * 4
+    assert [(r.batch_idx, r.num_batches, r.num_images) for r in results] == [(0, 4, 4), (1, 4, 5), (2, 4, 9), (3, 4, 11)]
+    assert all(r.stats is None for r in results[:-1])
+    assert torch.equal(torch.cat([r.images for r in results]), images)
+
+    stats = results[-1].stats
     features = models['fid'](images, return_features=True).detach().double().numpy()
-    assert stats['num_images'] == 11 and set(stats) == {'num_images', 'fid'}
+    assert type(stats) is dict and list(stats) == ['num_images', 'fid'] and stats['num_images'] == 11
     assert stats['fid']['mu'].dtype == np.float64 and stats['fid']['sigma'].shape == (5, 5)
     np.testing.assert_allclose(stats['fid']['mu'], features.mean(0), rtol=1e-6, atol=1e-7)  # float32 features vary with batching
     np.testing.assert_allclose(stats['fid']['sigma'], np.cov(features, rowvar=False), rtol=1e-6, atol=1e-7)
+    with open(dest_path, 'rb') as f:
+        saved = pickle.load(f)
+    assert list(saved) == ['num_images', 'fid'] and np.array_equal(saved['fid']['sigma'], stats['fid']['sigma'])
+    assert os.listdir(tmp_path / 'refs') == ['stats.pkl']
+
+    # A plain generator has no length: the statistics still come with its last batch.
+    again = list(calculate_metrics.calculate_stats_for_iterable((b for b in batches), metrics=['fid'], verbose=False, device='cpu'))
+    assert again[-1].num_batches is None and np.array_equal(again[-1].stats['fid']['mu'], stats['fid']['mu'])
+
+
+def test_calculate_stats_for_files_matches_features_of_folder(edm2_detectors, tmp_path):
+    folder = write_pngs(tmp_path / 'images', 7, seed=7)
+    stats_iter = calculate_metrics.calculate_stats_for_files(folder, max_batch_size=3, num_workers=0, verbose=False, device='cpu')
+    results = list(stats_iter)
+    assert len(stats_iter) == len(results) == 3 and [r.num_images for r in results] == [3, 5, 7]
+    expected = features_of_folder(folder, edm2_detectors)
+    for metric in ('fid', 'fd_dinov2'):
+        np.testing.assert_allclose(results[-1].stats[metric]['mu'], expected[metric].mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(results[-1].stats[metric]['sigma'], np.cov(expected[metric], rowvar=False), rtol=1e-4, atol=1e-7)
+
+
+def test_calculate_metrics_from_stats_loads_a_ref_path_and_skips_missing_metrics(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    f, f_ref = rng.normal(size=[30, 3]), rng.normal(size=[25, 3]) + 0.4
+    fit = lambda x: dict(mu=x.mean(0), sigma=np.cov(x, rowvar=False))
+    ref_path = str(tmp_path / 'ref.pkl')
+    calculate_metrics.save_stats(dict(num_images=25, fid=fit(f_ref)), ref_path)
+    results = calculate_metrics.calculate_metrics_from_stats(dict(num_images=30, fid=fit(f), fd_dinov2=fit(f)), ref_path)
+    assert list(results) == ['fid'] and results['fid'] == pytest.approx(fd_by_eigenvalues(f, f_ref), rel=1e-8)
+    printed = capsys.readouterr().out
+    assert ref_path in printed and 'fd_dinov2' in printed and printed_metric(printed, 'fid') == pytest.approx(results['fid'], rel=1e-5)
+    assert calculate_metrics.calculate_metrics_from_stats(dict(fid=fit(f)), calculate_metrics.load_stats(ref_path, False), ['fid'], False) == results
+
+
+def test_save_stats_replaces_the_file_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / 'stats.pkl')
+    calculate_metrics.save_stats({'num_images': 2}, path, verbose=False)
+
+    def broken_dump(obj, f):
+        f.write(b'half a pickle')
+        raise OSError('disk full')
+    monkeypatch.setattr(pickle, 'dump', broken_dump)
+    with pytest.raises(OSError, match='disk full'):
+        calculate_metrics.save_stats({'num_images': 3}, path, verbose=False)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ['stats.pkl'] and calculate_metrics.load_stats(path, verbose=False) == {'num_images': 2}
+
+
+def test_get_detector_builds_once_per_metric(edm2_detectors):
+    fid = calculate_metrics.get_detector('fid', False)
+    assert calculate_metrics.get_detector('fid') is fid and isinstance(fid, calculate_metrics.Detector)
+    assert fid.feature_dim == 2048 and calculate_metrics.get_detector('fd_dinov2', False).feature_dim == 1024
+    with pytest.raises(ValueError, match='kid'):
+        calculate_metrics.get_detector('kid')
+
+
+def test_dinov2_pil_resize_mode(detectors):
+    models, paths = detectors
+    images = torch.as_tensor(np.random.default_rng(9).integers(0, 256, size=[2, 3, 8, 8], dtype=np.uint8))
+    detector = calculate_metrics.DINOv2Detector('pil', source=paths['fd_dinov2'])
+    resized = np.stack([np.asarray(PIL.Image.fromarray(image).resize((224, 224), PIL.Image.Resampling.BICUBIC))
+                        for image in images.permute(0, 2, 3, 1).numpy()])
+    x = torch.as_tensor(resized).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(detector(images), models['fd_dinov2'](x), atol=1e-6)
+    with pytest.raises(ValueError, match='resize_mode'):
+        calculate_metrics.DINOv2Detector('nearest', source=paths['fd_dinov2'])
+
+
+def test_parse_metric_list():
+    assert calculate_metrics.parse_metric_list('fid,fd_dinov2') == ['fid', 'fd_dinov2']
+    assert calculate_metrics.parse_metric_list(['fd_dinov2']) == ['fd_dinov2']
+    with pytest.raises(click.ClickException, match='kid'):
+        calculate_metrics.parse_metric_list('fid,kid')
 
 
 def test_npz_reference_is_read_as_fid(tmp_path):
@@ -164,20 +290,23 @@ def test_ref_then_calc_on_png_folders(tmp_path, detectors, repo_root, subprocess
 
 
 
-def test_num_picks_a_seeded_subset_and_needs_enough_images(tmp_path):
+def test_num_images_picks_a_seeded_subset_and_needs_enough_images(tmp_path, edm2_detectors):
     folder = write_pngs(tmp_path / 'images', 7, seed=6)
-    subset = lambda seed: torch.cat(list(calculate_metrics.dataset_batches(folder, num=4, seed=seed, max_batch_size=3, num_workers=0, verbose=False)))
+
+    def subset(seed):
+        results = calculate_metrics.calculate_stats_for_files(folder, 4, seed, 3, 0, metrics=['fid'], verbose=False, device='cpu')
+        return torch.cat([r.images for r in results])
     assert subset(0).shape == (4, 3, 8, 8) and torch.equal(subset(0), subset(0))
     assert not all(torch.equal(subset(0), subset(seed)) for seed in range(1, 4))
-    with pytest.raises(click.ClickException, match=r'7 images, fewer than --num=8'):
-        list(calculate_metrics.dataset_batches(folder, num=8, num_workers=0, verbose=False))
+    with pytest.raises(click.ClickException, match=r'7 images, fewer than the 8'):
+        calculate_metrics.calculate_stats_for_files(folder, num_images=8, num_workers=0, verbose=False)
 
 
 def test_unreachable_detector_names_url_and_local_option(tmp_path, repo_root, subprocess_env):
     url = 'http://127.0.0.1:9/metrics/inception-2015-12-05.pkl'  # the discard port: nothing listens there
     subprocess_env['DNNLIB_CACHE_DIR'] = str(tmp_path / 'cache')
     with pytest.raises(calculate_metrics.DetectorUnavailable) as info:
-        calculate_metrics.InceptionDetector(url, verbose=False)
+        calculate_metrics.InceptionV3Detector(url)
     assert url in str(info.value) and '--detector=fid=' in str(info.value)
 
     images = write_pngs(tmp_path / 'images', 3, seed=4)
@@ -188,15 +317,14 @@ def test_unreachable_detector_names_url_and_local_option(tmp_path, repo_root, su
 
 
 def test_bad_metric_and_detector_options(tmp_path):
-    result = CliRunner().invoke(calculate_metrics.cli, ['ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--metrics=fid,kid'])
+    result = CliRunner().invoke(calculate_metrics.cmdline, ['ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--metrics=fid,kid'])
     assert result.exit_code != 0 and 'kid' in result.output
-    result = CliRunner().invoke(calculate_metrics.cli, ['ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--detector=inception.pkl'])
+    result = CliRunner().invoke(calculate_metrics.cmdline, ['ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--detector=inception.pkl'])
     assert result.exit_code != 0 and 'METRIC=' in result.output
 
 
 @pytest.mark.slow
 def test_gen_with_student_pickle(tmp_path, detectors, repo_root, subprocess_env):
-    import dnnlib
     import generate_images
     from training.encoders import StandardRGBEncoder
     from training.networks_edm2 import Precond

@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -181,16 +182,66 @@ def test_edges_differ_across_ranks():
     assert not torch.equal(draws[0], draws[1])
 
 
-@pytest.mark.slow
-def test_ddp_distillation_keeps_ranks_identical(workdir):
+DDP_ARGS = ['--preset=cd-tiny-img16', '--batch=16', '--duration=1024', '--status=512', '--snapshot=1024', '--checkpoint=1024']
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def ddp_run(workdir):
+    """A distillation run of 2 processes on one machine."""
     root, env = workdir
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_edm2.py',
-        f'--outdir={root / "ddp"}', f'--data={root / "d16.zip"}', '--preset=cd-tiny-img16',
-        f'--teacher={root / "teacher.pkl"}', '--batch=16', '--duration=1024', '--status=512', '--snapshot=1024',
-        '--checkpoint=1024']
+        f'--outdir={root / "ddp"}', f'--data={root / "d16.zip"}', f'--teacher={root / "teacher.pkl"}', *DDP_ARGS]
     result = subprocess.run(cmd, cwd=env['PYTHONPATH'], env=env, capture_output=True, text=True)
-    # The loop runs check_ddp_consistency after each checkpoint: it fails if the ranks' weights differ.
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (root / 'ddp' / 'training-state-0000001.pt').is_file()
-    stats = [json.loads(line) for line in open(root / 'ddp' / 'stats.jsonl')]
+    return root / 'ddp'
+
+
+@pytest.mark.slow
+def test_ddp_distillation_keeps_ranks_identical(ddp_run):
+    # The loop runs check_ddp_consistency after each checkpoint: it fails if the ranks' weights differ.
+    assert (ddp_run / 'training-state-0000001.pt').is_file()
+    stats = [json.loads(line) for line in open(ddp_run / 'stats.jsonl')]
     assert all(math.isfinite(s['Loss/loss']) for s in stats if 'Loss/loss' in s)
+
+
+def launch_two_nodes(workdir, outdirs, *extra):
+    """Two torchrun launches joined by a static rendezvous on 127.0.0.1, one process each, as on two machines;
+    returns their exit codes and outputs."""
+    root, env = workdir
+    port = free_port()
+    launches = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={node}',
+        '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}', 'train_edm2.py',
+        f'--outdir={outdir}', f'--data={root / "d16.zip"}', f'--teacher={root / "teacher.pkl"}', *DDP_ARGS, *extra],
+        cwd=env['PYTHONPATH'], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node, outdir in enumerate(outdirs)]
+    outputs = [launch.communicate(timeout=600)[0] for launch in launches]
+    return [launch.returncode for launch in launches], outputs
+
+
+@pytest.mark.slow
+def test_two_node_distillation_equals_one_node(workdir, ddp_run):
+    root, env = workdir
+    codes, outputs = launch_two_nodes(workdir, [root / 'nodes'] * 2)
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert 'Processes:          2 on cpu' in outputs[0] and 'Processes:' not in outputs[1]  # only rank 0 reports
+
+    # Same ranks, same data order and seeds: the two-node run must end where the one-node run ends.
+    nodes = torch.load(root / 'nodes' / 'training-state-0000001.pt', weights_only=False)
+    single = torch.load(ddp_run / 'training-state-0000001.pt', weights_only=False)
+    assert nodes['state']['cur_nimg'] == single['state']['cur_nimg'] == 1024
+    for name, value in single['net'].items():
+        assert torch.equal(nodes['net'][name], value), name
+    for ema_nodes, ema_single in zip(nodes['ema']['emas'], single['ema']['emas']):
+        assert all(torch.equal(ema_nodes[name], value) for name, value in ema_single.items())
+
+    # Resuming where the second machine cannot see the run directory is refused, not started from scratch.
+    codes, outputs = launch_two_nodes(workdir, [root / 'nodes', root / 'elsewhere'], '--duration=2048')
+    assert codes[0] != 0 and codes[1] != 0
+    assert 'found different training states to resume from' in outputs[0]
+    assert "['training-state-0000001.pt', None]" in outputs[0]

@@ -325,7 +325,7 @@ def test_sampler_invariants_on_fresh_configs(device):
         assert torch.equal(n_rel, bounds[j, 1] - k_t + 1)
         assert ((bounds[j, 0] <= k_t) & (k_t <= bounds[j, 1])).all()
 
-        # Ordering per edge class (MSCD-SPEC §4, §5 step 4).
+        # Ordering per edge class (docs/algorithm.md §7).
         assert torch.equal(terminal, k_t == terminal_k)
         assert (j[terminal] == S - 1).all() and (sigma_s[terminal] == 0).all()
         assert torch.allclose(sigma_t[terminal], torch.tensor(cfg['sigma_min'], dtype=torch.float64), rtol=1e-12)

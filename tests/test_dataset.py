@@ -68,9 +68,15 @@ def test_images_labels_and_properties(tmp_path, as_zip):
         details = ds.get_details(idx)
         assert details.raw_idx == idx and details.xflip is False and int(details.raw_label) == classes[idx]
 
-def test_labels_ignored_unless_requested(tmp_path):
+def test_labels_read_by_default(tmp_path):
     files, labels = image_set(random_images(4), [0, 1, 2, 3])
-    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels))
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels)) # use_labels=True by default, as in EDM2
+    assert ds.label_dim == 4 and ds.has_labels
+    assert ds[2][1].tolist() == [0, 0, 1, 0]
+
+def test_labels_ignored_when_disabled(tmp_path):
+    files, labels = image_set(random_images(4), [0, 1, 2, 3])
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels), use_labels=False)
     assert ds.label_dim == 0 and not ds.has_labels
     assert ds[2][1].shape == (0,)
 

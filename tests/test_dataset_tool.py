@@ -190,34 +190,83 @@ def test_bad_options(tmp_path):
     assert result.exit_code != 0 and '--resolution' in result.output
 
 #----------------------------------------------------------------------------
-# VAE encoding with a tiny random AutoencoderKL saved to a local directory.
+# VAE encoding and decoding with the tiny random AutoencoderKL of conftest.py's tiny_vae_dir.
 
 @pytest.mark.slow
-def test_encode_with_local_vae(tmp_path, repo_root, subprocess_env):
-    diffusers = pytest.importorskip('diffusers')
-    torch.manual_seed(0)
-    vae = diffusers.models.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=16, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4)
-    vae_dir = str(tmp_path / 'vae')
-    vae.save_pretrained(vae_dir)
-
+def test_encode_with_local_vae(tmp_path, repo_root, subprocess_env, tiny_vae_dir):
     images = random_rgb(3, width=16, height=16)
     for idx, image in enumerate(images):
         save_png(str(tmp_path / 'src' / f'{idx}.png'), image)
     (tmp_path / 'src' / 'dataset.json').write_text(json.dumps({'labels': [[f'{idx}.png', 2 - idx] for idx in range(3)]}))
     dest = str(tmp_path / 'latents.zip')
-    result = run_tool(repo_root, subprocess_env, 'encode', f'--model-url={vae_dir}', f'--source={tmp_path / "src"}', f'--dest={dest}', '--max-images=2')
+    result = run_tool(repo_root, subprocess_env, 'encode', f'--model-url={tiny_vae_dir}', f'--source={tmp_path / "src"}', f'--dest={dest}', '--max-images=2')
     assert result.returncode == 0, result.stderr
 
     with zipfile.ZipFile(dest) as archive:
         assert sorted(archive.namelist()) == ['00000/img-mean-std-00000000.npy', '00000/img-mean-std-00000001.npy', 'dataset.json']
     ds = ImageFolderDataset(dest, use_labels=True)
     assert len(ds) == 2 and ds.image_shape == [8, 2, 2] and ds.resolution == 2
-    expected = StabilityVAEEncoder(vae_name=vae_dir).encode_pixels(torch.from_numpy(images[:2]).permute(0, 3, 1, 2))
+    expected = StabilityVAEEncoder(vae_name=tiny_vae_dir).encode_pixels(torch.from_numpy(images[:2]).permute(0, 3, 1, 2))
     for idx in range(2):
         latents, label = ds[idx]
         assert latents.dtype == np.float32
         np.testing.assert_allclose(latents, expected[idx].numpy(), rtol=1e-5, atol=1e-5)
         assert int(np.argmax(label)) == 2 - idx
+
+def test_decode_round_trip(tmp_path, tiny_vae_dir, single_thread):
+    images, latents, decoded = str(tmp_path / 'digits.zip'), str(tmp_path / 'latents.zip'), str(tmp_path / 'decoded')
+    for args in [('convert', '--source=sklearn-digits', f'--dest={images}', '--resolution=16x16', '--max-images=3'),
+                 ('encode', f'--model-url={tiny_vae_dir}', f'--source={images}', f'--dest={latents}'),
+                 ('decode', f'--model-url={tiny_vae_dir}', f'--source={latents}', f'--dest={decoded}')]:
+        result = run_in_process(*args)
+        assert result.exit_code == 0, result.output
+
+    with zipfile.ZipFile(images) as archive:
+        source_labels = json.loads(archive.read('dataset.json'))['labels']
+    with open(os.path.join(decoded, 'dataset.json')) as f:
+        assert json.load(f)['labels'] == source_labels # same names 00000/img0000000i.png, same classes
+    ds = ImageFolderDataset(decoded)
+    assert len(ds) == 3 and ds.image_shape == [3, 16, 16]
+
+    # The tool decodes the stored mean: the same float32 affine as encode_latents with zero std, then one image per VAE call.
+    encoder = StabilityVAEEncoder(vae_name=tiny_vae_dir, batch_size=1)
+    mean = torch.stack([torch.from_numpy(latent[:4]) for latent, _label in ImageFolderDataset(latents)])
+    scale, bias = (torch.from_numpy(value).reshape(1, -1, 1, 1) for value in (encoder.scale, encoder.bias))
+    expected = encoder.decode(mean * scale + bias).numpy()
+    for idx in range(3):
+        np.testing.assert_array_equal(ds[idx][0], expected[idx])
+
+def assert_clean_error(result, text):
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1, result.output # a ClickException, not a traceback
+    assert text in result.output, result.output
+
+def test_decode_missing_source(tmp_path, tiny_vae_dir):
+    result = run_in_process('decode', f'--model-url={tiny_vae_dir}', f'--source={tmp_path / "nothing.zip"}', f'--dest={tmp_path / "d.zip"}')
+    assert_clean_error(result, 'nothing.zip does not exist')
+
+def test_decode_refuses_an_image_dataset(tmp_path, tiny_vae_dir):
+    images = str(tmp_path / 'digits.zip')
+    assert run_in_process('convert', '--source=sklearn-digits', f'--dest={images}', '--max-images=2').exit_code == 0
+    result = run_in_process('decode', f'--model-url={tiny_vae_dir}', f'--source={images}', f'--dest={tmp_path / "d.zip"}')
+    assert_clean_error(result, 'holds images (00000/img00000000.png, ...), not VAE latents')
+
+def write_latent_zip(path, shape):
+    data = io.BytesIO()
+    np.save(data, np.zeros(shape, dtype=np.float32))
+    with zipfile.ZipFile(path, 'w') as archive:
+        archive.writestr('00000/img-mean-std-00000000.npy', data.getvalue())
+        archive.writestr('dataset.json', json.dumps({'labels': None}))
+    return str(path)
+
+def test_decode_wrong_channel_count(tmp_path, tiny_vae_dir):
+    source = write_latent_zip(tmp_path / 'latents.zip', [4, 2, 2])
+    result = run_in_process('decode', f'--model-url={tiny_vae_dir}', f'--source={source}', f'--dest={tmp_path / "d.zip"}')
+    assert_clean_error(result, 'have shape [4, 2, 2]; expected [8, H/8, W/8]')
+
+def test_decode_missing_vae(tmp_path):
+    pytest.importorskip('diffusers')
+    source = write_latent_zip(tmp_path / 'latents.zip', [8, 2, 2])
+    result = run_in_process('decode', f'--model-url={tmp_path / "no_vae"}', f'--source={source}', f'--dest={tmp_path / "d.zip"}')
+    assert_clean_error(result, 'no_vae does not exist')
 
 #----------------------------------------------------------------------------

@@ -11,18 +11,7 @@ from torch_utils import persistence
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
 
 #----------------------------------------------------------------------------
-# A tiny randomly initialised AutoencoderKL (downsampling by 8, 4 latent channels), saved
-# like a Hugging Face model so that StabilityVAEEncoder loads it from a local directory.
-
-@pytest.fixture(scope='module')
-def tiny_vae_dir(tmp_path_factory):
-    diffusers = pytest.importorskip('diffusers')
-    torch.manual_seed(0)
-    vae = diffusers.models.AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=16, down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4)
-    path = tmp_path_factory.mktemp('tiny_vae')
-    vae.save_pretrained(path)
-    return str(path)
+# The tiny random VAE that conftest.py's tiny_vae_dir saves, loaded directly with diffusers.
 
 @pytest.fixture(scope='module')
 def tiny_vae(tiny_vae_dir):

@@ -1,5 +1,6 @@
 """Tests for generate_images.py: samplers against analytic answers, per-seed RNG, the CLI, CD students."""
 
+import inspect
 import os
 import pickle
 import subprocess
@@ -268,6 +269,111 @@ def test_subdirs_group_seeds_by_thousand(tmp_path):
     assert os.listdir(tmp_path / '000000') == ['000999.png'] and os.listdir(tmp_path / '001000') == ['001000.png']
 
 
+def test_edm2_signatures():
+    # EDM2's parameter names and defaults. Where EDM2 defaults to CUDA and to edm_sampler, ours has None:
+    # CUDA when available, else the CPU; Heun (edm_sampler) for EDM2 models, the S-step sampler for students.
+    empty = inspect.Parameter.empty
+    expected = {
+        generate_images.edm_sampler: [('net', empty), ('noise', empty), ('labels', None), ('gnet', None), ('num_steps', 32),
+                                      ('sigma_min', 0.002), ('sigma_max', 80), ('rho', 7), ('guidance', 1), ('S_churn', 0),
+                                      ('S_min', 0), ('S_max', float('inf')), ('S_noise', 1), ('dtype', torch.float32),
+                                      ('randn_like', torch.randn_like)],
+        generate_images.generate_images: [('net', empty), ('gnet', None), ('encoder', None), ('outdir', None), ('subdirs', False),
+                                          ('seeds', range(16, 24)), ('class_idx', None), ('max_batch_size', 32),
+                                          ('encoder_batch_size', 4), ('verbose', True), ('device', None), ('sampler_fn', None),
+                                          ('sampler_kwargs', empty)],
+        generate_images.StackedRandomGenerator: [('device', empty), ('seeds', empty)],
+        generate_images.StackedRandomGenerator.randn: [('self', empty), ('size', empty), ('kwargs', empty)],
+        generate_images.StackedRandomGenerator.randn_like: [('self', empty), ('input', empty)],
+        generate_images.StackedRandomGenerator.randint: [('self', empty), ('args', empty), ('size', empty), ('kwargs', empty)],
+        generate_images.parse_int_list: [('s', empty)],
+    }
+    for fn, params in expected.items():
+        assert [(p.name, p.default) for p in inspect.signature(fn).parameters.values()] == params, fn.__qualname__
+    assert generate_images.model_root == 'https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions'
+    assert generate_images.config_presets['edm2-img512-xs-fid'] == {'net': f'{generate_images.model_root}/edm2-img512-xs-2147483-0.135.pkl'}
+    assert generate_images.config_presets['edm2-img64-s-autog-dino'] == {'net': f'{generate_images.model_root}/edm2-img64-s-1073741-0.105.pkl',
+                                                                         'gnet': f'{generate_images.model_root}/edm2-img64-xs-0134217-0.175.pkl',
+                                                                         'guidance': 2.20}
+    assert len(generate_images.config_presets) == 36
+
+
+def test_stacked_random_generator_draws_per_seed():
+    rnd = generate_images.StackedRandomGenerator('cpu', [7, 2 ** 32 + 8])
+    noise = rnd.randn([2, 3, 4])
+    like = rnd.randn_like(input=noise.to(torch.float64))
+    classes = rnd.randint(10, size=[2])
+    for i, seed in enumerate([7, 8]):
+        g = torch.Generator('cpu').manual_seed(seed)
+        assert torch.equal(noise[i], torch.randn([3, 4], generator=g))
+        assert torch.equal(like[i], torch.randn([3, 4], generator=g, dtype=torch.float64))
+        assert torch.equal(classes[i], torch.randint(10, size=[], generator=g))
+    with pytest.raises(ValueError):
+        rnd.randn([3, 4])
+
+
+def test_generate_images_as_edm2_users_call_it(tmp_path):
+    from training.encoders import StandardRGBEncoder
+    net = tiny_precond(label_dim=3)
+    path = save_pickle(network_pickle(net), tmp_path / 'net.pkl')
+    seeds = [5, 9, 2]
+    image_iter = generate_images.generate_images(path, outdir=str(tmp_path / 'out'), seeds=seeds, max_batch_size=2, num_steps=3,
+                                                 verbose=False, device='cpu')
+    assert len(image_iter) == 2
+    results = list(image_iter)
+    assert [sorted(r) for r in results] == [['batch_idx', 'images', 'indices', 'labels', 'noise', 'num_batches', 'seeds']] * 2
+    assert [(r.batch_idx, r.num_batches, r.indices.tolist(), r.seeds) for r in results] == [(0, 2, [0, 1], [5, 9]), (1, 2, [2], [2])]
+
+    rnd = generate_images.StackedRandomGenerator('cpu', seeds)
+    noise = rnd.randn([3, 3, 8, 8])
+    labels = torch.eye(3)[rnd.randint(3, size=[3])]
+    with torch.no_grad():
+        expected = StandardRGBEncoder().decode(generate_images.edm_sampler(net, noise, labels, num_steps=3))
+    assert torch.equal(torch.cat([r.noise for r in results]), noise) and torch.equal(torch.cat([r.labels for r in results]), labels)
+    assert torch.equal(torch.cat([r.images for r in results]), expected)
+    for seed, image in zip(seeds, expected.numpy()):
+        assert np.array_equal(read_png(tmp_path / 'out' / f'{seed:06d}.png'), image)
+
+    # No seeds at all: one empty batch, as a rank without work gets.
+    empty, = generate_images.generate_images(net, seeds=[], verbose=False, device='cpu')
+    assert empty.images is None and empty.labels is None and empty.noise is None and empty.seeds == []
+
+
+def recording_sampler(net, noise, labels=None, gnet=None, randn_like=None, marker=None):
+    recording_sampler.calls.append(dict(net=net, gnet=gnet, marker=marker))
+    return torch.zeros_like(noise)
+
+
+recording_sampler.calls = []
+
+
+class FakeEncoder:
+    batch_size = 99
+
+    def init(self, device):
+        pass
+
+    def decode(self, latents):
+        return torch.full(latents.shape, 7, dtype=torch.uint8)
+
+
+def test_generate_images_custom_sampler_gnet_and_encoder():
+    net, guide = tiny_precond(), tiny_precond(seed=1)
+    for sampler_fn in (recording_sampler, f'{__name__}.recording_sampler'):
+        recording_sampler.calls.clear()
+        r, = generate_images.generate_images(net, seeds=[1], sampler_fn=sampler_fn, marker='m', verbose=False, device='cpu')
+        assert recording_sampler.calls == [dict(net=net, gnet=net, marker='m')]  # gnet None means the main network
+    recording_sampler.calls.clear()
+    list(generate_images.generate_images(net, guide, seeds=[1], sampler_fn=recording_sampler, verbose=False, device='cpu'))
+    assert recording_sampler.calls[0]['gnet'] is guide
+
+    encoder = FakeEncoder()
+    r, = generate_images.generate_images(net, encoder=encoder, seeds=[1, 2], encoder_batch_size=None, num_steps=1, verbose=False, device='cpu')
+    assert encoder.batch_size == 99 and torch.equal(r.images, torch.full([2, 3, 8, 8], 7, dtype=torch.uint8))
+    list(generate_images.generate_images(net, encoder=encoder, seeds=[1], num_steps=1, verbose=False, device='cpu'))
+    assert encoder.batch_size == 4
+
+
 def test_parse_int_list():
     assert generate_images.parse_int_list('0-3,7,10-11') == [0, 1, 2, 3, 7, 10, 11]
     for bad in ('a', '3-1', '1-2-3', ''):
@@ -321,9 +427,9 @@ def test_cli_student_uses_consistency_sampler(tmp_path, repo_root, subprocess_en
 
 
 def test_cli_rejects_guidance_without_gnet(tmp_path):
-    result = CliRunner().invoke(generate_images.cli, ['--net=net.pkl', '--guidance=2', f'--outdir={tmp_path}'])
+    result = CliRunner().invoke(generate_images.cmdline, ['--net=net.pkl', '--guidance=2', f'--outdir={tmp_path}'])
     assert result.exit_code != 0 and '--gnet' in result.output
-    result = CliRunner().invoke(generate_images.cli, [f'--outdir={tmp_path}'])
+    result = CliRunner().invoke(generate_images.cmdline, [f'--outdir={tmp_path}'])
     assert result.exit_code != 0 and '--net' in result.output
 
 

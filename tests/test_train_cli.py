@@ -85,7 +85,7 @@ def test_edm2_preset_defaults_intervals(tmp_path):
 @pytest.mark.parametrize('args, option, message', [
     (['--data={missing}'], '--data', 'does not exist'),
     (['--data={not_dataset}'], '--data', 'cannot read'),
-    (['--data={data16}', '--preset=tiny-img32'], '--data', "holds 16x16 images, but preset 'tiny-img32' expects 32x32"),
+    (['--data={data12}', '--preset=edm2-img64-s'], '--data', "holds 12x12 images, which preset 'edm2-img64-s' cannot"),
     (['--data={data16}', '--cond=True'], '--cond', 'has no labels'),
     (['--data={data16}', '--preset=tiny-img99'], '--preset', "unknown preset 'tiny-img99'"),
     (['--data={data16}', '--snapshot=1000'], '--snapshot', 'not a multiple of both 1024 and the batch size'),
@@ -95,7 +95,8 @@ def test_edm2_preset_defaults_intervals(tmp_path):
 def test_config_errors_name_the_option(args, option, message, data16, tmp_path):
     not_dataset = tmp_path / 'notes.txt'
     not_dataset.write_text('hello')
-    paths = dict(missing=tmp_path / 'nope.zip', not_dataset=not_dataset, data16=data16)
+    data12 = write_image_zip(tmp_path / 'digits12.zip', 4, 12)
+    paths = dict(missing=tmp_path / 'nope.zip', not_dataset=not_dataset, data16=data16, data12=data12)
     args = [arg.format(**paths) for arg in args]
     defaults = ['--cond=False', '--preset=tiny-img16']
     with pytest.raises(click.BadParameter) as info:
@@ -237,3 +238,128 @@ def test_torchrun_two_processes(data16, tmp_path, repo_root, subprocess_env):
     assert all(entry['step'].item() == 8 for entry in state['optimizer']['state'].values())
     log = (outdir / 'log.txt').read_text()
     assert log.count('Status: ') == 3  # one writer: rank 0
+
+#----------------------------------------------------------------------------
+# EDM2 habits: a preset sets hyperparameters, the data sets the resolution, and no option is
+# accepted where the chosen mode would not use it.
+
+@pytest.fixture(scope='module')
+def teacher16(tmp_path_factory):
+    from test_cd_train import make_teacher
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pkl'
+    make_teacher(path, label_dim=0)
+    return str(path)
+
+
+@pytest.mark.parametrize('resolution', [16, 32, 64])
+def test_edm2_presets_take_the_resolution_from_the_data(resolution, tmp_path):
+    data = write_image_zip(tmp_path / 'data.zip', 2, resolution)
+    c = config_for(f'--data={data}', '--cond=False', '--preset=edm2-img64-s')
+    assert c.network_kwargs.model_channels == 192 and 'img_resolution' not in c.network_kwargs
+
+
+def test_unbuildable_resolution_names_what_would_work(tmp_path):
+    data = write_image_zip(tmp_path / 'data20.zip', 2, 20)
+    with pytest.raises(click.BadParameter) as info:
+        config_for(f'--data={data}', '--cond=False', '--preset=edm2-img64-s')
+    text = info.value.format_message()
+    assert '20x20' in text and 'channel_mult [1, 2, 3, 4]' in text and 'multiple of 8' in text
+    c = config_for(f'--data={data}', '--cond=False', '--preset=tiny-img16')  # two levels: 20 halves once
+    assert c.network_kwargs.channel_mult == [1, 2]
+
+
+@pytest.mark.parametrize('args, option, message', [
+    (['--S=4'], '--S', 'only apply to consistency distillation'),
+    (['--cd_lr=0.001', '--T_end=64'], '--T_end', 'only apply to consistency distillation'),
+    (['--no_sync_dropout'], '--sync_dropout', 'only apply to consistency distillation'),
+    (['--dout_resolutions=64', '--dropout=0.1'], '--dout_resolutions', 'not resolutions of this network'),
+    (['--dout_resolutions=8'], '--dout_resolutions', 'dropout is 0'),
+    (['--dout_resolutions=8,x'], '--dout_resolutions', 'expected comma-separated resolutions'),
+    (['--checkpoint_keep_recent=2', '--checkpoint=0'], '--checkpoint_keep_recent', 'writes no training states'),
+])
+def test_options_without_effect_in_plain_training_are_refused(args, option, message, data16):
+    with pytest.raises(click.BadParameter) as info:
+        config_for(f'--data={data16}', '--cond=False', '--preset=tiny-img16', *args)
+    text = info.value.format_message()
+    assert option in text and message in text
+
+
+@pytest.mark.parametrize('args, option, message', [
+    (['--channels=64'], '--channels', "the teacher's architecture"),
+    (['--P_mean=-1'], '--P_mean', '--sampling_mode=edm --cd_P_mean'),
+    (['--dropout=0.1', '--cd_dropout=0.2'], '--dropout', 'give one of them'),
+    (['--lr=0.01', '--cd_lr=0.02'], '--cd_lr', 'give one of them'),
+    (['--cd_P_std=2'], '--cd_P_std', 'with --sampling_mode=vp --cd_P_std has no effect'),
+    (['--sampling_mode=uniform', '--terminal_anchor'], '--terminal_anchor', 'has no effect there'),
+    (['--cond=True', '--data={labelled}'], '--teacher', 'label dimension: teacher 0, data 10'),
+])
+def test_options_without_effect_in_distillation_are_refused(args, option, message, data16, teacher16, tmp_path):
+    labelled = write_image_zip(tmp_path / 'labelled.zip', 10, 16, labels=range(10))
+    args = [arg.format(labelled=labelled) for arg in args]
+    with pytest.raises(click.BadParameter) as info:
+        config_for(f'--data={data16}', '--cond=False', '--preset=cd-tiny-img16', f'--teacher={teacher16}', *args)
+    text = info.value.format_message()
+    assert option in text and message in text
+
+
+def test_student_settings_under_either_name(data16, teacher16):
+    base = [f'--data={data16}', '--cond=False', f'--teacher={teacher16}']
+    c = config_for(*base, '--preset=cd-tiny-img16')
+    assert (c.network_kwargs.dropout, c.lr_kwargs.ref_lr, c.lr_kwargs.ref_batches) == (0.0, 0.002, 0)
+    for args in (['--dropout=0.1', '--lr=0.003', '--decay=7'], ['--cd_dropout=0.1', '--cd_lr=0.003', '--cd_decay=7'],
+            ['--dropout=0.1', '--cd_dropout=0.1', '--cd_lr=0.003', '--decay=7']):
+        c = config_for(*base, '--preset=cd-tiny-img16', *args)
+        assert (c.network_kwargs.dropout, c.lr_kwargs.ref_lr, c.lr_kwargs.ref_batches) == (0.1, 0.003, 7), args
+    c = config_for(*base, '--preset=edm2-img64-m', '--duration=1Ki', '--batch=32')  # preset dropout 0.1 is the teacher's
+    assert c.network_kwargs.dropout == 0.0 and c.network_kwargs.model_channels == 16
+
+
+def test_dout_resolutions_in_plain_training(data16):
+    from training.networks_edm2 import Precond
+    c = config_for(f'--data={data16}', '--cond=False', '--preset=tiny-img16', '--dropout=0.25', '--dout_resolutions=8')
+    assert c.network_kwargs.dout_resolutions == [8]
+    net = Precond(img_resolution=16, img_channels=3, **{k: v for k, v in c.network_kwargs.items() if k != 'class_name'})
+    rates = {name: block.dropout for name, block in net.unet.enc.items() if hasattr(block, 'dropout')}
+    assert rates == {'16x16_block0': 0, '8x8_down': 0.25, '8x8_block0': 0.25}
+
+
+@pytest.mark.slow
+def test_edm2_img64_preset_trains_and_distils_on_small_data(tmp_path, repo_root, subprocess_env):
+    labels = [i % 10 for i in range(64)]
+    data16 = write_image_zip(tmp_path / 'd16.zip', 64, 16, labels=labels)
+    data32 = write_image_zip(tmp_path / 'd32.zip', 32, 32, labels=labels[:32])
+    schedule = ['--preset=edm2-img64-s', '--batch=32', '--status=256', '--snapshot=1Ki', '--checkpoint=1Ki']
+    for data, outdir, duration in [(data32, 'teacher32', '64'), (data16, 'teacher16', '1Ki')]:
+        result = run_train(repo_root, subprocess_env, f'--outdir={tmp_path / outdir}', f'--data={data}',
+            '--channels=8', f'--duration={duration}', *schedule)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with open(tmp_path / 'teacher16' / 'network-snapshot-0000001-0.100.pkl', 'rb') as f:
+        teacher = pickle.load(f)['ema']
+    assert (teacher.img_resolution, teacher.label_dim, list(teacher.unet.enc)[-1]) == (16, 10, '2x2_block2')
+
+    result = run_train(repo_root, subprocess_env, f'--outdir={tmp_path / "student"}', f'--data={data16}',
+        f'--teacher={tmp_path / "teacher16" / "network-snapshot-0000001-0.100.pkl"}', '--duration=1Ki', '--cd_lr=0.001',
+        '--S=2', '--T_start=4', '--T_end=8', *schedule)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    student = tmp_path / 'student' / 'network-snapshot-0000001-0.100.pkl'
+    with open(student, 'rb') as f:
+        assert pickle.load(f)['cd']['S'] == 2
+    result = subprocess.run([sys.executable, 'generate_images.py', f'--net={student}', f'--outdir={tmp_path / "out"}',
+        '--seeds=0-3'], cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / 'out')) == [f'{seed:06d}.png' for seed in range(4)]
+
+
+@pytest.mark.slow
+def test_checkpoint_keep_recent(data16, tmp_path, repo_root, subprocess_env):
+    outdir = tmp_path / 'run'
+    args = [f'--outdir={outdir}', f'--data={data16}', '--cond=False', '--preset=tiny-img16', '--channels=8',
+        '--batch=32', '--status=1Ki', '--snapshot=0', '--checkpoint=1Ki', '--checkpoint_keep_recent=2']
+    result = run_train(repo_root, subprocess_env, *args, '--duration=3Ki')
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == \
+        ['training-state-0000002.pt', 'training-state-0000003.pt']
+    result = run_train(repo_root, subprocess_env, *args, '--duration=4Ki')  # resumes from the newest kept state
+    assert result.returncode == 0 and 'training-state-0000003.pt ... done' in result.stdout
+    assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == \
+        ['training-state-0000003.pt', 'training-state-0000004.pt']

@@ -64,6 +64,42 @@ def _shutdown_process_group():
         time.sleep(GLOO_EXIT_GRACE_S)
 
 
+def get_local_rank():
+    """Index of this process among those of its node (torchrun's LOCAL_RANK; 0 for a plain launch)."""
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def barrier():
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.barrier()
+
+
+def node_first(fn, *args, **kwargs):
+    """Call fn on the first process of every node, then on the others.
+
+    Every process calls this together. A download into a node's cache then happens once per node:
+    the later processes find the file cached.
+    """
+    leader = get_local_rank() == 0
+    if not leader:
+        barrier()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        if leader:
+            barrier()
+
+
+def check_same_on_all_ranks(value, describe):
+    """Raise RuntimeError(describe(values per rank)) unless every rank passed an equal `value`."""
+    if get_world_size() == 1:
+        return
+    values = [None] * get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    if any(other != values[0] for other in values):
+        raise RuntimeError(describe(values))
+
+
 def get_rank():
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -130,21 +166,46 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _save_atomically(data, pt_path):
+def write_file_atomically(path, write_fn):
+    """Create or replace the file `path` with what write_fn(f) writes to the binary file object f.
+
+    The data goes to a temporary file in the same folder, is flushed to disk and then renamed over
+    `path`, so readers see either the old file or the complete new one; if anything fails, the
+    temporary file is removed and the old file is left as it was. The folder must exist.
+    """
     # The temp name starts with '.' and ends in '.tmp', so checkpoint patterns never match it.
-    target_dir = os.path.dirname(os.path.abspath(pt_path))
-    tmp_path = os.path.join(target_dir, f'.{os.path.basename(pt_path)}.{uuid.uuid4().hex}.tmp')
+    target_dir = os.path.dirname(os.path.abspath(path))
+    tmp_path = os.path.join(target_dir, f'.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp')
     try:
         with open(tmp_path, 'xb') as f:
-            torch.save(data, f)
+            write_fn(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, pt_path)
+        os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
         raise
     _fsync_dir(target_dir)
+
+
+CHECKPOINT_PATTERN = r'training-state-(\d+).pt'
+
+
+def numbered_files(run_dir, pattern=CHECKPOINT_PATTERN):
+    """Paths of the files in `run_dir` whose names match `pattern`, ordered by the number it captures."""
+    numbered = []
+    for file_name in (os.listdir(run_dir) if os.path.isdir(run_dir) else []):
+        match = re.fullmatch(pattern, file_name)
+        if match:
+            numbered.append((int(match.group(1)), file_name))
+    return [os.path.join(run_dir, file_name) for _number, file_name in sorted(numbered)]
+
+
+def remove_old_checkpoints(run_dir, keep, pattern=CHECKPOINT_PATTERN):
+    """Delete all but the newest `keep` training states in `run_dir`."""
+    for path in numbered_files(run_dir, pattern)[:-keep]:
+        os.remove(path)
 
 
 class CheckpointIO:
@@ -163,7 +224,7 @@ class CheckpointIO:
             print0(f'Saving {pt_path} ... ', end='', flush=True)
         if get_rank() == 0:
             data = {name: _export_state(obj) for name, obj in self._state_objs.items()}
-            _save_atomically(data, pt_path)
+            write_file_atomically(pt_path, lambda f: torch.save(data, f))
         if verbose:
             print0('done')
 
@@ -180,15 +241,11 @@ class CheckpointIO:
         if verbose:
             print0('done')
 
-    def load_latest(self, run_dir, pattern=r'training-state-(\d+).pt', verbose=True):
+    def load_latest(self, run_dir, pattern=CHECKPOINT_PATTERN, verbose=True):
         """Load the file in `run_dir` whose name matches `pattern` with the largest number; return its path or None."""
-        numbered = []
-        for file_name in os.listdir(run_dir):
-            match = re.fullmatch(pattern, file_name)
-            if match:
-                numbered.append((int(match.group(1)), file_name))
+        numbered = numbered_files(run_dir, pattern)
         if not numbered:
             return None
-        pt_path = os.path.join(run_dir, max(numbered)[1])
-        self.load(pt_path, verbose=verbose)
-        return pt_path
+        self.load(numbered[-1], verbose=verbose)
+        return numbered[-1]
+

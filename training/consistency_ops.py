@@ -3,8 +3,8 @@
 Pure tensor math in EDM's sigma-as-time parameterisation, x_sigma = y + sigma * eps. The student
 grid s (S Karras nodes, then 0) cuts the sigma axis into S segments; the denser teacher grid tau
 (T_eff Karras nodes, then 0) supplies the edges tau[k] -> tau[k+1] that the teacher integrates.
-Section numbers refer to the project's MSCD design spec (MSCD-SPEC.md). Grids are float64, built on
-the CPU; callers move them to their device.
+Section numbers (§n) refer to docs/algorithm.md. Grids are float64, built on the CPU; callers move
+them to their device.
 """
 
 import math
@@ -12,7 +12,7 @@ import math
 import torch
 
 #----------------------------------------------------------------------------
-# Grids (MSCD-SPEC §2).
+# Grids (docs/algorithm.md §2-§4).
 
 def make_karras_sigmas(num_nodes, sigma_min, sigma_max, rho, round_fn=None):
     """Karras et al. noise levels, float64 on the CPU, from sigma_max down to sigma_min (no trailing 0)."""
@@ -89,7 +89,7 @@ def build_student_teacher_grids(S, T, sigma_min, sigma_max, rho):
 
 
 def annealed_teacher_edges(kimg, T_start, T_end, T_anneal_kimg):
-    """Target teacher edge count at training progress kimg: log-linear from T_start to T_end (MSCD-SPEC §7)."""
+    """Target teacher edge count at training progress kimg: log-linear from T_start to T_end (§10)."""
     if T_anneal_kimg <= 0:
         return int(T_end)
     ratio = min(max(kimg / T_anneal_kimg, 0.0), 1.0)
@@ -98,7 +98,7 @@ def annealed_teacher_edges(kimg, T_start, T_end, T_anneal_kimg):
     return min(max(T, int(T_start)), int(T_end))
 
 #----------------------------------------------------------------------------
-# Partition and edge sampling (MSCD-SPEC §3, §4).
+# Partition and edge sampling (docs/algorithm.md §5, §6).
 
 def _check_non_increasing(name, sigmas):
     rises = (sigmas[1:] > sigmas[:-1]).nonzero().flatten()
@@ -180,7 +180,7 @@ def sample_segment_and_teacher_pair(sigma_bounds, teacher_sigmas, student_sigmas
     else:
         probs = compute_importance_weights(teacher, rho, sampling_mode, P_mean, P_std, terminal_anchor)
         k_t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
-        # Searching segment starts only is exact for contiguous partitions (MSCD-SPEC §4, Q10).
+        # Searching segment starts only is exact for contiguous partitions (§5: only T_eff < S breaks them).
         step_j = (torch.searchsorted(seg_start, k_t, right=True) - 1).clamp(0, num_segments - 1)
         n_rel = (seg_len[step_j] - (k_t - seg_start[step_j])).clamp_min(1)
 
@@ -194,7 +194,7 @@ def sample_segment_and_teacher_pair(sigma_bounds, teacher_sigmas, student_sigmas
     )
 
 #----------------------------------------------------------------------------
-# ODE steps in EDM space (MSCD-SPEC §1). Arithmetic is float64; results take x_t's dtype.
+# ODE steps in EDM space (docs/algorithm.md §1, §8). Arithmetic is float64; results take x_t's dtype.
 # check=False skips the input checks, which cost a host sync each, for callers that validated the sigmas.
 
 def _sigma_like(sigma, x):

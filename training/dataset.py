@@ -28,7 +28,7 @@ def is_sample_file(fname):
 # Subclasses provide the raw samples through _load_raw_image / _load_raw_labels.
 
 class Dataset(torch.utils.data.Dataset):
-    def __init__(self, name, raw_shape, max_size=None, use_labels=False, xflip=False, random_seed=0, cache=False):
+    def __init__(self, name, raw_shape, use_labels=True, max_size=None, xflip=False, random_seed=0, cache=False):
         self._name = name
         self._raw_shape = list(raw_shape)
         self._use_labels = use_labels
@@ -143,7 +143,7 @@ class Dataset(torch.utils.data.Dataset):
 # Optional dataset.json at the root: {"labels": [[path, label], ...]} or {"labels": null}.
 
 class ImageFolderDataset(Dataset):
-    def __init__(self, path, resolution=None, max_size=None, use_labels=False, xflip=False, random_seed=0, cache=False):
+    def __init__(self, path, resolution=None, *, use_labels=True, max_size=None, xflip=False, random_seed=0, cache=False):
         self._path = path
         self._zipfile = None
         if os.path.isdir(path):

@@ -4,7 +4,7 @@ Each sample draws one teacher edge sigma_t -> sigma_s inside a student segment (
 teacher's Heun hop and the student's own no-grad DDIM step carry x_t down to the segment boundary
 sigma_bdry = s[j+1]; the target is the prediction at sigma_t whose single DDIM step lands exactly
 there. The student's prediction D(x_t; sigma_t) is the only path for gradients. Section numbers
-refer to docs/MSCD-SPEC.md; the numbers match the parity fixtures of the EDM reference.
+(§n) refer to docs/algorithm.md; the numbers match the parity fixtures of the EDM reference.
 """
 
 import contextlib
@@ -18,7 +18,7 @@ from training import consistency_ops
 from training.networks_edm2 import suppress_inplace_weight_norm
 
 #----------------------------------------------------------------------------
-# Loss weights lambda(sigma) and per-sample distances (MSCD-SPEC §6).
+# Loss weights lambda(sigma) and per-sample distances (docs/algorithm.md §9).
 
 def _inverse_snr(sigma):
     return 1 / (sigma ** 2 + 1e-20)
@@ -59,7 +59,7 @@ def consistency_distance(delta, loss_type, huber_delta=1e-4, pseudo_huber_c=1e-4
     return (squared_norm + pseudo_huber_c ** 2).sqrt() - pseudo_huber_c
 
 #----------------------------------------------------------------------------
-# Student helpers: DDP unwrapping, dropout detection, replaying the device RNG (MSCD-SPEC §8).
+# Student helpers: DDP unwrapping, dropout detection, replaying the device RNG (docs/algorithm.md §11).
 
 _DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
     torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
@@ -124,7 +124,7 @@ def synchronised_student_pass(student, x, sigma, labels, rng_device, rng_state):
         return student(x.to(torch.float32), sigma.reshape(-1, 1, 1, 1), labels)
 
 #----------------------------------------------------------------------------
-# Per-batch bookkeeping of the three edge classes (MSCD-SPEC §4, §5).
+# Per-batch bookkeeping of the three edge classes (docs/algorithm.md §7, §8).
 
 def edge_targets(edges, sigma_s, sigma_bdry):
     """(sigma_s_eff, sigma_ref) per drawn edge: where the teacher hop from sigma_t ends, and where the
@@ -186,7 +186,7 @@ class EDMConsistencyDistillLoss:
     S:                  student steps, i.e. segments of the sigma axis.
     T_start, T_end:     target number of teacher edges (Heun hops of 2 evaluations) at the start and end of
                         the log-linear anneal over T_anneal_kimg thousand images (<= 0: T_end throughout).
-                        The grid actually used can hold one edge more (T_eff, MSCD-SPEC §2).
+                        The grid actually used can hold one edge more (T_eff, docs/algorithm.md §4).
     rho, sigma_min, sigma_max: Karras discretisation shared by the student and teacher grids.
     loss_type:          'huber' (per element, threshold huber_delta), 'l2' (per element), 'l2_root' or
                         'pseudo_huber' (per sample; sqrt(|delta|^2 + c^2) - c with c = pseudo_huber_c).
@@ -297,7 +297,7 @@ class EDMConsistencyDistillLoss:
         return self.teacher_net
 
     #------------------------------------------------------------------------
-    # Annealing and grids (MSCD-SPEC §2, §7).
+    # Annealing and grids (docs/algorithm.md §4, §10).
 
     def set_global_kimg(self, kimg):
         """Set the training progress, in thousands of images seen so far, that drives the T anneal."""
@@ -417,7 +417,7 @@ class EDMConsistencyDistillLoss:
         return prediction
 
     #------------------------------------------------------------------------
-    # Diagnostics (MSCD-SPEC §13).
+    # Diagnostics (docs/algorithm.md §13).
 
     def _record(self, edges, sigma_t, sigma_s_eff, sigma_bdry, sigma_ref, delta, rows, counts):
         for name, count in counts.items():

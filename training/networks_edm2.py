@@ -204,6 +204,19 @@ class Block(torch.nn.Module):
 #----------------------------------------------------------------------------
 # The EDM2 U-Net.
 
+def unet_resolution_problem(img_resolution, channel_mult):
+    """Why a U-Net with len(channel_mult) levels cannot run at img_resolution, or None if it can.
+
+    Each level below the first halves the feature maps, and the decoder doubles them back, so the
+    resolution must be divisible by 2 ** (levels - 1).
+    """
+    divisor = 1 << (len(channel_mult) - 1)
+    if img_resolution >= divisor and img_resolution % divisor == 0:
+        return None
+    return (f'{img_resolution}x{img_resolution} cannot be halved {len(channel_mult) - 1} times, as the '
+        f'{len(channel_mult)} levels of channel_mult {list(channel_mult)} need: the resolution must be a '
+        f'multiple of {divisor} (e.g. {divisor}, {2 * divisor} or {4 * divisor}), or the network needs fewer levels')
+
 @persistence.persistent_class
 class UNet(torch.nn.Module):
     """The EDM2 U-Net on img_resolution x img_channels inputs.
@@ -220,6 +233,9 @@ class UNet(torch.nn.Module):
             attn_resolutions=[16, 8], label_balance=0.5, concat_balance=0.5, dropout=0,
             dout_resolutions=None, **block_kwargs):
         super().__init__()
+        problem = unet_resolution_problem(img_resolution, channel_mult)
+        if problem is not None:
+            raise ValueError(f'UNet: {problem}')
         widths = [model_channels * mult for mult in channel_mult]
         noise_channels = widths[0] if channel_mult_noise is None else model_channels * channel_mult_noise
         emb_channels = max(widths) if channel_mult_emb is None else model_channels * channel_mult_emb

@@ -194,7 +194,8 @@ def _configure_torch_backends(cudnn_benchmark):
     torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def _latent_shape_and_label_dim(dataset, encoder, device):
+def latent_shape_and_label_dim(dataset, encoder, device):
+    """Shape of one encoded sample as the network sees it ([1, C, H, W]) and the label length."""
     image, label = dataset[0]
     latent = encoder.encode_latents(torch.as_tensor(image).to(device).unsqueeze(0))
     return latent.shape, label.shape[-1]
@@ -204,7 +205,7 @@ def _setup_teacher(teacher_pkl, encoder, latent_shape, label_dim, loss_fn, devic
     """Load and check the frozen teacher, give it to the loss; return the student seeding function
     and the snapshot metadata."""
     dist.print0(f'Loading teacher from {teacher_pkl}...')
-    teacher, teacher_encoder = distill.load_teacher_pickle(teacher_pkl)
+    teacher, teacher_encoder = dist.node_first(distill.load_teacher_pickle, teacher_pkl)
     distill.check_teacher(teacher, teacher_encoder, encoder, latent_shape, label_dim)
     loss_fn.attach_teacher(teacher.to(device))
     return functools.partial(distill.seed_student_from_teacher, teacher=teacher), distill.snapshot_metadata(loss_fn, teacher_pkl)
@@ -254,7 +255,7 @@ def training_loop(
     run_dir='.', seed=0, batch_size=2048, batch_gpu=None,
     total_nimg=8 << 30, slice_nimg=None, status_nimg=128 << 10, snapshot_nimg=8 << 20, checkpoint_nimg=128 << 20,
     loss_scaling=1, force_finite=True, cudnn_benchmark=True, device=None,
-    init_net_fn=None, frozen_params=(), ddp_kwargs={}, cd_metadata=None, teacher_pkl=None,
+    init_net_fn=None, frozen_params=(), ddp_kwargs={}, cd_metadata=None, teacher_pkl=None, checkpoint_keep_recent=None,
 ):
     """Train `network_kwargs` on `dataset_kwargs` with `loss_kwargs`, resuming from the newest
     training-state-*.pt in `run_dir`.
@@ -262,7 +263,8 @@ def training_loop(
     Sizes count images: `batch_size` per optimizer step over all processes, `batch_gpu` per process
     and forward pass (None: no gradient accumulation); `total_nimg` ends training, `slice_nimg`
     ends this session early (and requests suspension); the `*_nimg` intervals time status lines,
-    snapshots and checkpoints (0 disables). `data_loader_kwargs` None picks defaults for `device`
+    snapshots and checkpoints (0 disables); `checkpoint_keep_recent` N deletes all but the newest N
+    training states after each save (None keeps all). `data_loader_kwargs` None picks defaults for `device`
     (None: CUDA when available, else CPU). `force_finite` zeroes NaN/Inf gradients.
     Hooks for other objectives: `init_net_fn(net)` initialises the fresh network (e.g. from a
     teacher); `frozen_params` lists parameter-name prefixes to exclude from training; `ddp_kwargs`
@@ -285,9 +287,9 @@ def training_loop(
     dist.print0('Loading dataset...')
     dataset = dnnlib.util.construct_class_by_name(**dataset_kwargs)
     encoder = dnnlib.util.construct_class_by_name(**encoder_kwargs)
-    encoder.init(device)
+    dist.node_first(encoder.init, device)  # a VAE is downloaded once per node
     loss_fn = dnnlib.util.construct_class_by_name(**loss_kwargs)
-    latent_shape, label_dim = _latent_shape_and_label_dim(dataset, encoder, device)
+    latent_shape, label_dim = latent_shape_and_label_dim(dataset, encoder, device)
     if teacher_pkl is not None:
         init_net_fn, cd_metadata = _setup_teacher(teacher_pkl, encoder, latent_shape, label_dim, loss_fn, device)
 
@@ -301,7 +303,10 @@ def training_loop(
     ema = None if ema_kwargs is None else dnnlib.util.construct_class_by_name(net=net, **ema_kwargs)
     state = dnnlib.EasyDict(cur_nimg=0, total_elapsed_time=0.0)
     checkpoint = dist.CheckpointIO(state=state, net=net, loss_fn=loss_fn, optimizer=optimizer, ema=ema)
-    checkpoint.load_latest(run_dir)
+    resumed_from = checkpoint.load_latest(run_dir)
+    dist.check_same_on_all_ranks(resumed_from and os.path.basename(resumed_from), lambda names: (
+        f'The processes found different training states to resume from in {run_dir} (per rank: {names}); '
+        'on several machines the run directory must be on a filesystem that all of them share'))
     start_nimg = state.cur_nimg
     stop_at_nimg = _stop_point(start_nimg, total_nimg, slice_nimg, checkpoint_nimg or snapshot_nimg or batch_size)
     if start_nimg >= stop_at_nimg:
@@ -334,6 +339,8 @@ def training_loop(
 
         if checkpoint_nimg and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg:
             checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
+            if checkpoint_keep_recent is not None and rank == 0:
+                dist.remove_old_checkpoints(run_dir, keep=checkpoint_keep_recent)
             misc.check_ddp_consistency(net)
 
         if done:
