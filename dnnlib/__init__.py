@@ -1,4 +1,4 @@
 """Small general-purpose helpers shared by the whole project."""
 
 from . import util
-from .util import EasyDict, make_cache_dir_path
+from .util import EasyDict, UserError, make_cache_dir_path

@@ -25,6 +25,10 @@ import requests
 #----------------------------------------------------------------------------
 
 
+class UserError(ValueError):
+    """A file, option or value given by the user that cannot be used; commands report it as one line."""
+
+
 class EasyDict(dict):
     """A dict whose items can also be read and written as attributes."""
 

@@ -11,7 +11,12 @@ import torch
 import dnnlib
 
 #----------------------------------------------------------------------------
-# Seeding.
+# Devices and seeding.
+
+
+def default_device():
+    """CUDA (this process's current GPU) when available, else the CPU."""
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 
 
 def set_random_seed(*args):

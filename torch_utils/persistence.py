@@ -173,3 +173,41 @@ def _assert_picklable(obj):
         pickle.dump(opaque, io.BytesIO())
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# Reading network pickles (EDM2's and ours) with one clear error per way a file can be unusable.
+
+class NetworkPickleError(dnnlib.UserError):
+    """A file that cannot be used as a network pickle."""
+
+
+def load_network_pickle(source, what='network pickle', verbose=False, require_finite=True):
+    """Unpickle `source` (path or URL) and return its dict, whose 'ema' (or else 'net') is a torch module.
+
+    `what` names the file in errors (e.g. '--teacher'). With `require_finite` every parameter and
+    buffer of that module must be finite; the error names the first one that is not.
+    """
+    try:
+        with dnnlib.util.open_url(source, verbose=verbose) as f:
+            data = pickle.load(f)
+    except FileNotFoundError:
+        raise NetworkPickleError(f'{what}: {source} does not exist') from None
+    except IsADirectoryError:
+        raise NetworkPickleError(f'{what}: {source} is a directory, not a network pickle') from None
+    except EOFError:
+        raise NetworkPickleError(f'{what}: {source} is empty or truncated (the pickle ends early)') from None
+    except Exception as err:  # garbage bytes fail in many ways inside the unpickler
+        raise NetworkPickleError(f'{what}: {source} is not a readable pickle ({type(err).__name__}: {err})') from None
+    net = data.get('ema', data.get('net')) if isinstance(data, dict) else None
+    if not isinstance(net, torch.nn.Module):
+        found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__
+        raise NetworkPickleError(f'{what}: {source} is not a network pickle; expected a dict with an "ema" (or "net") '
+            f'network, found {found}')
+    if require_finite:
+        bad = next((name for name, tensor in [*net.named_parameters(), *net.named_buffers()]
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+        if bad is not None:
+            raise NetworkPickleError(f'{what}: {source} holds non-finite values (NaN or inf) in {bad}')
+    return data
+
+#----------------------------------------------------------------------------
