@@ -13,12 +13,16 @@ from . import util
 
 
 class FiniteFloat(click.FloatRange):
-    """A float option that must be finite (no nan or inf), optionally within a range."""
+    """A float option that must be finite (never nan; inf only with allow_inf), optionally within a range."""
     name = 'float'
+
+    def __init__(self, min=None, max=None, min_open=False, max_open=False, allow_inf=False):
+        super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
+        self.allow_inf = allow_inf
 
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
+        if math.isnan(number) or (math.isinf(number) and not self.allow_inf):
             self.fail(f'{value!r} is not a finite number', param, ctx)
         return number
 
