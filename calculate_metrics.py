@@ -1,6 +1,5 @@
 """Fréchet distances (FID, FD_DINOv2) between image sets, and the reference statistics they need."""
 
-import itertools
 import os
 import pickle
 
@@ -12,15 +11,21 @@ import torch
 import tqdm
 
 import dnnlib
+import dnnlib.cli
 import generate_images
 from torch_utils import distributed as dist
+from torch_utils import misc
 
 #----------------------------------------------------------------------------
 # Feature detectors, one per metric. Each takes a uint8 NCHW RGB batch and returns [N, feature_dim] features.
 # `source` replaces where the standard model comes from (e.g. a local copy, for offline machines).
 
-class DetectorUnavailable(RuntimeError):
+class DetectorUnavailable(dnnlib.UserError):
     """A detector could not be fetched or built."""
+
+
+class MetricsError(dnnlib.UserError):
+    """Reference statistics, image sets or statistics that cannot be used as given."""
 
 
 def _offline_hint(metric, source, err):
@@ -29,13 +34,28 @@ def _offline_hint(metric, source, err):
             f'--detector={metric}=/path/to/local/file')
 
 
+def _one_line(err):
+    """'Type: message' of an exception, its message's line breaks (the unpickler has some) made spaces."""
+    return f'{type(err).__name__}: {" ".join(str(err).split())}'
+
+
 def _load_pickled_model(metric, source):
     try:
         f = dnnlib.util.open_url(source, verbose=False)
     except Exception as err:
         raise DetectorUnavailable(_offline_hint(metric, source, err)) from err
     with f:
-        return pickle.load(f)
+        try:
+            model = pickle.load(f)
+        except EOFError:
+            raise DetectorUnavailable(f'The {metric} detector file {source} is empty or truncated') from None
+        except Exception as err:  # the unpickler fails in many ways on bytes that are not a pickle
+            raise DetectorUnavailable(f'The {metric} detector file {source} is not a readable pickle '
+                f'({_one_line(err)})') from None
+    if not (callable(model) and callable(getattr(model, 'to', None))):
+        raise DetectorUnavailable(f'The {metric} detector file {source} holds a {type(model).__name__}, '
+            'not a torch module')
+    return model
 
 
 class Detector:
@@ -63,6 +83,10 @@ class InceptionV3Detector(Detector):
         return self.model.to(images.device)(images, return_features=True)
 
 
+# The facebookresearch/dinov2 commit whose hub code is loaded (newest on main as of 2025-08-14), not whatever main is now.
+DINOV2_COMMIT = 'b8931f7bf91576930313be2c6d6af376033b35f0'
+
+
 class DINOv2Detector(Detector):
     """DINOv2 ViT-L/14 class-token embedding (1024-D) of 224x224 ImageNet-normalised images.
 
@@ -71,7 +95,7 @@ class DINOv2Detector(Detector):
     the same features). `source` is a torch.hub GitHub repo ('owner/name:ref'), a local hub checkout
     directory, or a pickled model (path or URL).
     """
-    default_source = 'facebookresearch/dinov2:main'
+    default_source = f'facebookresearch/dinov2:{DINOV2_COMMIT}'
     image_mean = (0.485, 0.456, 0.406)
     image_std = (0.229, 0.224, 0.225)
 
@@ -91,6 +115,8 @@ class DINOv2Detector(Detector):
     def _load_from_hub(source):
         torch.hub.set_dir(dnnlib.make_cache_dir_path('torch_hub'))
         where = 'local' if os.path.isdir(source) else 'github'
+        # torch.hub's validation accepts only refs that are the head of a branch or tag, so a pinned commit
+        # needs skip_validation=True; a full 40-hex hash cannot be swapped for a fork's code anyway.
         try:
             return torch.hub.load(source, 'dinov2_vitl14', source=where, trust_repo=True, verbose=False, skip_validation=True)
         except Exception as err:
@@ -215,7 +241,7 @@ def calculate_stats_for_iterable(image_iter, metrics=['fid', 'fd_dinov2'], verbo
     Every rank must give the same number of batches. `detector_sources` maps metrics to
     get_detector() sources; `device` None picks CUDA when available, else the CPU.
     """
-    device = torch.device(device) if device is not None else generate_images.default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     detector_sources = detector_sources or {}
     detectors = {metric: get_detector(metric, verbose=verbose, source=detector_sources.get(metric)) for metric in metrics}
     num_batches = len(image_iter) if hasattr(image_iter, '__len__') else None
@@ -253,34 +279,128 @@ def calculate_stats_for_files(image_path, num_images=None, seed=0, max_batch_siz
     """calculate_stats_for_iterable() of the images in a folder or ZIP, split across ranks.
 
     `num_images` None uses every image, a number a random subset of that size chosen by `seed`.
-    `stats_kwargs` go to calculate_stats_for_iterable() (metrics, dest_path, device, ...).
+    `stats_kwargs` go to calculate_stats_for_iterable() (metrics, dest_path, device, ...). A folder
+    that is missing, holds no images or holds one that cannot be read raises a DatasetError (a
+    dnnlib.UserError) with a one-line message, also when the image is read by a DataLoader worker.
     """
     from training.dataset import ImageFolderDataset
     if verbose:
         dist.print0(f'Reading the image list of {image_path} ...')
     dataset = ImageFolderDataset(path=image_path, max_size=num_images, random_seed=seed)
     if num_images is not None and len(dataset) < num_images:
-        raise click.ClickException(f'{image_path} holds {len(dataset)} images, fewer than the {num_images} asked for')
+        raise MetricsError(f'{image_path} holds {len(dataset)} images, fewer than the {num_images} asked for')
     if len(dataset) < 2:
-        raise click.ClickException(f'{image_path} holds {len(dataset)} images; statistics need at least 2')
+        raise MetricsError(f'{image_path} holds {len(dataset)} images; statistics need at least 2')
     chunks = generate_images.rank_batches(len(dataset), max_batch_size)
     filled = [chunk for chunk in chunks if len(chunk) > 0]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=filled, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(_ReadFailuresAsValues(dataset), batch_sampler=filled, num_workers=num_workers,
+                                         collate_fn=_collate_or_failure,
                                          prefetch_factor=(prefetch_factor if num_workers > 0 else None))
-    # A DataLoader cannot give an empty batch; a rank's empty chunks are its last ones and go on as None.
-    batches = generate_images.BatchIterable(len(chunks), lambda: itertools.chain(loader, [None] * (len(chunks) - len(filled))))
+
+    def loaded_batches():
+        for batch in loader:
+            if isinstance(batch, _ReadFailure):
+                raise batch.error
+            yield batch
+        # A DataLoader cannot give an empty batch; a rank's empty chunks are its last ones and go on as None.
+        yield from [None] * (len(chunks) - len(filled))
+
+    batches = generate_images.BatchIterable(len(chunks), loaded_batches)
     return calculate_stats_for_iterable(batches, verbose=verbose, **stats_kwargs)
 
 
-def load_stats(path, verbose=True):
-    """Reference statistics: an EDM2 pickle (path or URL), or an EDM1 .npz holding Inception 'mu'/'sigma'."""
+class _ReadFailure:
+    """What a DataLoader worker hands back for a sample it cannot read: the dataset's own error, which the
+    main process raises. (Raised in the worker, it would arrive wrapped in the worker's traceback.)"""
+
+    def __init__(self, error):
+        self.error = error
+
+
+class _ReadFailuresAsValues(torch.utils.data.Dataset):
+    """A dataset whose unreadable samples come back as _ReadFailure values instead of raising."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        try:
+            return self.dataset[idx]
+        except dnnlib.UserError as err:  # training.dataset.DatasetError
+            return _ReadFailure(err)
+
+
+def _collate_or_failure(items):
+    failures = [item for item in items if isinstance(item, _ReadFailure)]
+    return failures[0] if failures else torch.utils.data.default_collate(items)
+
+
+def load_stats(path, verbose=True, what='reference statistics'):
+    """Reference statistics: an EDM2 pickle (path or URL), or an EDM1 .npz holding Inception 'mu'/'sigma'.
+
+    A file that is missing or unreadable, or that holds no usable statistics (a [D] 'mu' and a [D, D]
+    'sigma', finite, for at least one metric) raises a MetricsError whose message starts with `what`.
+    """
     if verbose:
         dist.print0(f'Loading reference statistics from {path} ...')
-    with dnnlib.util.open_url(path, verbose=verbose) as f:
-        if path.lower().endswith('.npz'):
-            arrays = np.load(f)
-            return {'fid': dict(mu=arrays['mu'], sigma=arrays['sigma'])}
-        return pickle.load(f)
+    path = os.fspath(path)
+    is_npz = path.lower().endswith('.npz')
+    try:
+        with dnnlib.util.open_url(path, verbose=verbose) as f:
+            if is_npz:
+                archive = np.load(f, allow_pickle=False)
+                if not hasattr(archive, 'files'):
+                    raise MetricsError(f'{what}: {path} holds a single array, not an .npz archive of "mu" and "sigma"')
+                with archive:
+                    stats = {name: archive[name] for name in archive.files}
+            else:
+                stats = pickle.load(f)
+    except MetricsError:
+        raise
+    except FileNotFoundError:
+        raise MetricsError(f'{what}: {path} does not exist') from None
+    except IsADirectoryError:
+        raise MetricsError(f'{what}: {path} is a directory, not a statistics file') from None
+    except EOFError:
+        raise MetricsError(f'{what}: {path} is empty or truncated') from None
+    except Exception as err:  # bytes that are no pickle or .npz fail in many ways
+        raise MetricsError(f'{what}: {path} is not a readable {".npz" if is_npz else "pickle"} file '
+            f'({_one_line(err)})') from None
+    if is_npz:
+        missing = [name for name in ('mu', 'sigma') if name not in stats]
+        if missing:
+            raise MetricsError(f'{what}: {path} has no {" and ".join(missing)} array; an .npz reference holds '
+                f'the Inception "mu" and "sigma" (found {sorted(stats)})')
+        stats = {'fid': dict(mu=stats['mu'], sigma=stats['sigma'])}
+    return _checked_stats(stats, path, what)
+
+
+def _checked_stats(stats, path, what):
+    """`stats` if it holds usable statistics of at least one metric, else a MetricsError."""
+    if not isinstance(stats, dict):
+        raise MetricsError(f'{what}: {path} is not a statistics file; expected a dict of metrics, found a '
+            f'{type(stats).__name__}')
+    found = [metric for metric in metric_specs if metric in stats]
+    if not found:
+        raise MetricsError(f'{what}: {path} holds no statistics of {" or ".join(sorted(metric_specs))} '
+            f'(its keys: {sorted(map(str, stats))})')
+    for metric in found:
+        entry = stats[metric]
+        if not isinstance(entry, dict) or 'mu' not in entry or 'sigma' not in entry:
+            raise MetricsError(f'{what}: {path}: the {metric} entry is not a dict with "mu" and "sigma"')
+        try:
+            mu, sigma = np.asarray(entry['mu'], dtype=np.float64), np.asarray(entry['sigma'], dtype=np.float64)
+        except (TypeError, ValueError) as err:
+            raise MetricsError(f'{what}: {path}: the {metric} statistics are not numeric arrays ({_one_line(err)})') from None
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise MetricsError(f'{what}: {path}: the {metric} statistics have shapes mu {list(mu.shape)} and sigma '
+                f'{list(sigma.shape)}; expected [D] and [D, D]')
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise MetricsError(f'{what}: {path}: the {metric} statistics hold NaN or inf')
+    return stats
 
 
 def save_stats(stats, path, verbose=True):
@@ -310,6 +430,10 @@ def calculate_metrics_from_stats(stats, ref, metrics=['fid', 'fd_dinov2'], verbo
                 side = 'the reference' if metric in stats else 'the computed statistics'
                 print(f'{metric}: skipped, not in {side}')
             continue
+        dims = np.shape(stats[metric]['mu']), np.shape(ref[metric]['mu'])
+        if dims[0] != dims[1]:
+            raise MetricsError(f'{metric}: the features have {dims[0][0] if dims[0] else "?"} dimensions but the reference '
+                f'statistics {dims[1][0] if dims[1] else "?"}; were they made with another detector?')
         results[metric] = frechet_distance(stats[metric]['mu'], stats[metric]['sigma'], ref[metric]['mu'], ref[metric]['sigma'])
         if verbose:
             print(f'{metric} = {results[metric]:g}')
@@ -337,13 +461,6 @@ def parse_detector_sources(ctx, param, values):
     return sources
 
 
-def _run(fn):
-    try:
-        return fn()
-    except (DetectorUnavailable, generate_images.GenerationError) as err:
-        raise click.ClickException(str(err)) from err
-
-
 def _final_stats(stats_iter):
     """Run a calculate_stats_*() result to its end, with a progress bar on rank 0."""
     for r in tqdm.tqdm(stats_iter, unit='batch', disable=dist.get_rank() != 0):
@@ -352,7 +469,7 @@ def _final_stats(stats_iter):
 
 
 def _rank0_load_stats(ref_path):
-    return load_stats(ref_path) if dist.get_rank() == 0 else None  # before the long part, so that a bad path fails fast
+    return load_stats(ref_path, what='--ref') if dist.get_rank() == 0 else None  # before the long part, so that a bad path fails fast
 
 
 metrics_option = click.option('--metrics', help='Comma-separated metrics', metavar='LIST', type=parse_metric_list, default='fid,fd_dinov2', show_default=True)
@@ -392,12 +509,13 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
     """Metrics of a folder of images."""
     torch.multiprocessing.set_start_method('spawn')
     dist.init()
-    ref = _rank0_load_stats(ref_path)
-    stats = _run(lambda: _final_stats(calculate_stats_for_files(
-        image_path, num_images=num_images, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers,
-        metrics=metrics, detector_sources=detector_sources)))
-    if dist.get_rank() == 0:
-        calculate_metrics_from_stats(stats, ref, metrics)
+    with dnnlib.cli.user_errors():
+        ref = _rank0_load_stats(ref_path)
+        stats = _final_stats(calculate_stats_for_files(
+            image_path, num_images=num_images, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers,
+            metrics=metrics, detector_sources=detector_sources))
+        if dist.get_rank() == 0:
+            calculate_metrics_from_stats(stats, ref, metrics)
 
 
 @cmdline.command()
@@ -411,12 +529,13 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
 def gen(net, ref_path, metrics, num_images, seed, max_batch_size, detector_sources):
     """Metrics of images generated on the fly (nothing is saved)."""
     dist.init()
-    ref = _rank0_load_stats(ref_path)
-    stats = _run(lambda: _final_stats(calculate_stats_for_iterable(
-        generate_images.generate_images(net=net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size),
-        metrics=metrics, detector_sources=detector_sources)))
-    if dist.get_rank() == 0:
-        calculate_metrics_from_stats(stats, ref, metrics)
+    with dnnlib.cli.user_errors():
+        ref = _rank0_load_stats(ref_path)
+        stats = _final_stats(calculate_stats_for_iterable(
+            generate_images.generate_images(net=net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size),
+            metrics=metrics, detector_sources=detector_sources))
+        if dist.get_rank() == 0:
+            calculate_metrics_from_stats(stats, ref, metrics)
 
 
 @cmdline.command()
@@ -430,9 +549,10 @@ def ref(image_path, dest_path, metrics, max_batch_size, num_workers, detector_so
     """Reference statistics of all images in a dataset."""
     torch.multiprocessing.set_start_method('spawn')
     dist.init()
-    stats = _run(lambda: _final_stats(calculate_stats_for_files(
-        image_path, max_batch_size=max_batch_size, num_workers=num_workers, metrics=metrics,
-        detector_sources=detector_sources, dest_path=dest_path)))
+    with dnnlib.cli.user_errors():
+        stats = _final_stats(calculate_stats_for_files(
+            image_path, max_batch_size=max_batch_size, num_workers=num_workers, metrics=metrics,
+            detector_sources=detector_sources, dest_path=dest_path))
     dist.print0(f'Saved statistics of {stats["num_images"]} images to {dest_path}')
 
 #----------------------------------------------------------------------------

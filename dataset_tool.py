@@ -1,12 +1,16 @@
 """Build datasets for train_edm2.py: PNG image sets (convert), VAE latent sets (encode) and PNG
-sets decoded back from latents (decode).
+sets decoded back from latents (decode); check reads a whole dataset the way training does and
+reports every unreadable sample, odd shape and bad label.
 
 Output layout (ZIP or directory): 00000/img00000000.png, ... or 00000/img-mean-std-00000000.npy,
 1000 files per folder, and dataset.json with {"labels": [[path, label], ...]} or {"labels": null}.
 """
 
+import concurrent.futures
 import io
 import json
+import math
+import multiprocessing
 import os
 import re
 import zipfile
@@ -17,6 +21,10 @@ import PIL.Image
 import torch
 from tqdm import tqdm
 
+import dnnlib
+import dnnlib.cli
+from torch_utils.distributed import write_file_atomically
+from training import dataset as training_dataset
 from training.encoders import StabilityVAEEncoder
 
 #----------------------------------------------------------------------------
@@ -163,36 +171,33 @@ def make_transform(kind, size):
     return lambda image: crop(image, size)
 
 #----------------------------------------------------------------------------
-# Destination: a ZIP archive (stored, uncompressed) or an empty/new directory.
+# Destination: a ZIP archive (stored, uncompressed) or an empty/new directory. Outputs appear whole:
+# a ZIP is written under a temporary name in its folder and renamed at the end; in a directory each
+# file is written atomically and dataset.json comes last.
 
-class DatasetWriter:
-    def __init__(self, dest):
-        self._dest = dest
-        self._zip = None
-        if dest.lower().endswith('.zip'):
-            os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-            self._zip = zipfile.ZipFile(dest, 'w', compression=zipfile.ZIP_STORED)
-        elif os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
-            raise click.ClickException(f'--dest {dest} must be a .zip path, a new directory or an empty directory')
+def check_dest(dest):
+    if dest.lower().endswith('.zip'):
+        if os.path.isdir(dest):
+            raise click.ClickException(f'--dest {dest} is a directory; give a .zip path that is a file or does not exist yet')
+    elif os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
+        raise click.ClickException(f'--dest {dest} must be a .zip path, a new directory or an empty directory')
 
-    def write(self, name, data):
-        if self._zip is not None:
-            self._zip.writestr(name, data)
-            return
-        path = os.path.join(self._dest, name)
+def write_dataset(dest, fill):
+    """Call fill(write), where write(name, data) stores one file of the dataset under dest."""
+    check_dest(dest)
+    if dest.lower().endswith('.zip'):
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        def write_zip(f):
+            with zipfile.ZipFile(f, 'w', compression=zipfile.ZIP_STORED) as archive:
+                fill(archive.writestr)
+        write_file_atomically(dest, write_zip)
+        return
+    def write_file(name, data):
+        path = os.path.join(dest, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, 'wb') as f:
-            f.write(data)
-
-    def close(self):
-        if self._zip is not None:
-            self._zip.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        write_file_atomically(path, lambda f: f.write(data))
+    os.makedirs(dest, exist_ok=True)
+    fill(write_file)
 
 def archive_name(idx, stem, ext):
     return f'{idx:08d}'[:5] + f'/{stem}{idx:08d}.{ext}'
@@ -219,7 +224,7 @@ def parse_size(_ctx, _param, value):
 
 @click.group()
 def cli():
-    """Convert image collections to EDM2 dataset archives and encode them into VAE latents.
+    """Convert image collections to EDM2 dataset archives, encode them into VAE latents, check datasets.
 
     \b
     python dataset_tool.py convert --source=sklearn-digits --dest=datasets/digits16.zip --resolution=16x16
@@ -227,6 +232,7 @@ def cli():
         --resolution=512x512 --transform=center-crop-dhariwal
     python dataset_tool.py encode --source=datasets/img512.zip --dest=datasets/img512-sd.zip
     python dataset_tool.py decode --source=datasets/img512-sd.zip --dest=datasets/img512-decoded.zip
+    python dataset_tool.py check --source=datasets/img512-sd.zip
     """
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     if world_size != 1:
@@ -252,10 +258,11 @@ def convert(source, dest, max_images, transform, resolution):
     if len(names) == 0:
         raise click.ClickException(f'--source {source} contains no images')
     apply_transform = make_transform(transform, resolution)
+    check_dest(dest)
     labels = labels or {}
-    entries = []
-    first_size = None
-    with DatasetWriter(dest) as writer:
+    def fill(write):
+        entries = []
+        first_size = None
         for idx, name in enumerate(tqdm(names, desc='convert', unit='img')):
             image = apply_transform(load_rgb(load_image, name, source))
             if image is None:
@@ -263,9 +270,10 @@ def convert(source, dest, max_images, transform, resolution):
             first_size = first_size or image.size
             check_output_size(image.size, first_size, name)
             out_name = archive_name(idx, 'img', 'png')
-            writer.write(out_name, png_bytes(image))
+            write(out_name, png_bytes(image))
             entries.append([out_name, labels.get(name)])
-        writer.write('dataset.json', labels_json(entries))
+        write('dataset.json', labels_json(entries))
+    write_dataset(dest, fill)
 
 def load_vae(model_url):
     """The VAE with one image per call, on CUDA when available, else on the CPU."""
@@ -288,10 +296,11 @@ def encode(model_url, source, dest, max_images):
     names = names[:max_images]
     if len(names) == 0:
         raise click.ClickException(f'--source {source} contains no images')
+    check_dest(dest)
     vae, device = load_vae(model_url)
     labels = labels or {}
-    entries = []
-    with DatasetWriter(dest) as writer:
+    def fill(write):
+        entries = []
         for idx, name in enumerate(tqdm(names, desc='encode', unit='img')):
             pixels = np.asarray(load_rgb(load_image, name, source))
             pixels = torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0).to(device)
@@ -299,9 +308,10 @@ def encode(model_url, source, dest, max_images):
             data = io.BytesIO()
             np.save(data, latents)
             out_name = archive_name(idx, 'img-mean-std-', 'npy')
-            writer.write(out_name, data.getvalue())
+            write(out_name, data.getvalue())
             entries.append([out_name, labels.get(name)])
-        writer.write('dataset.json', labels_json(entries))
+        write('dataset.json', labels_json(entries))
+    write_dataset(dest, fill)
 
 @cli.command()
 @click.option('--model-url', help='VAE: Hugging Face name or local diffusers directory', metavar='URL', type=str, default='stabilityai/sd-vae-ft-mse', show_default=True)
@@ -317,18 +327,150 @@ def decode(model_url, source, dest, max_images):
     """
     names, load_latents, labels = open_latents(source)
     names = names[:max_images]
+    check_dest(dest)
     vae, device = load_vae(model_url)
     labels = labels or {}
-    entries = []
-    with DatasetWriter(dest) as writer:
+    def fill(write):
+        entries = []
         for idx, name in enumerate(tqdm(names, desc='decode', unit='img')):
             mean = torch.from_numpy(load_mean_std(load_latents, name, source)[:4]).unsqueeze(0).to(device, torch.float32)
             final = vae.encode_latents(torch.cat([mean, torch.zeros_like(mean)], dim=1)) # zero std: the scaled mean, no noise
             pixels = vae.decode(final)[0].permute(1, 2, 0).cpu().numpy()
             out_name = archive_name(idx, 'img', 'png')
-            writer.write(out_name, png_bytes(PIL.Image.fromarray(pixels, 'RGB')))
+            write(out_name, png_bytes(PIL.Image.fromarray(pixels, 'RGB')))
             entries.append([out_name, labels.get(name)])
-        writer.write('dataset.json', labels_json(entries))
+        write('dataset.json', labels_json(entries))
+    write_dataset(dest, fill)
+
+#----------------------------------------------------------------------------
+# check: read every sample with the training code's reader, in worker processes.
+
+_scan_folder = None # the SampleFolder of a worker process
+
+def _start_scan_worker(folder):
+    global _scan_folder
+    _scan_folder = folder
+
+def scan_samples(folder, raw_indices):
+    """Decode the given samples: ({(shape, dtype): [raw index, ...]}, [(raw index, what is wrong), ...])."""
+    folder = _scan_folder if folder is None else folder
+    kinds, failures = {}, []
+    for raw_idx in raw_indices:
+        try:
+            array = folder.read_sample(raw_idx)
+        except training_dataset.DatasetError as err:
+            cause = err.__cause__ or err
+            failures.append((raw_idx, f'cannot be read ({type(cause).__name__}: {cause})'))
+            continue
+        kinds.setdefault((tuple(array.shape), str(array.dtype)), []).append(raw_idx)
+    return kinds, failures
+
+def default_workers():
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError: # not on Linux
+        count = os.cpu_count() or 1
+    return max(1, min(count, 16))
+
+def scan_in_parallel(folder, workers):
+    """scan_samples() over all samples of `folder` in `workers` processes, with a progress bar."""
+    num = len(folder.sample_names)
+    chunk = max(1, min(256, math.ceil(num / (workers * 4))))
+    chunks = [range(start, min(start + chunk, num)) for start in range(0, num, chunk)]
+    workers = min(workers, len(chunks))
+    kinds, failures = {}, []
+    def merge(result):
+        for key, indices in result[0].items():
+            kinds.setdefault(key, []).extend(indices)
+        failures.extend(result[1])
+    with tqdm(total=num, desc='check', unit='img') as progress:
+        if workers == 1:
+            for indices in chunks:
+                merge(scan_samples(folder, indices))
+                progress.update(len(indices))
+        else:
+            # spawn, not fork: the workers start clean, whatever threads this process runs
+            context = multiprocessing.get_context('spawn')
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_start_scan_worker,
+                    initargs=(folder,)) as pool:
+                futures = {pool.submit(scan_samples, None, indices): len(indices) for indices in chunks}
+                try:
+                    for future in concurrent.futures.as_completed(futures):
+                        merge(future.result())
+                        progress.update(futures[future])
+                except concurrent.futures.process.BrokenProcessPool as err:
+                    raise click.ClickException(f'A check worker process died ({err}); try fewer --workers') from err
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+    return kinds, failures
+
+def shape_problems(folder, kinds):
+    """(raw index, what is wrong) for samples whose shape or dtype differs from the most common one,
+    and for a most common shape that training cannot use."""
+    names = folder.sample_names
+    if not kinds:
+        return None, []
+    # The most common kind is the reference; of equally common ones, the one of the lowest-numbered sample.
+    reference = min(kinds, key=lambda key: (-len(kinds[key]), min(kinds[key])))
+    shape, dtype = reference
+    count = len(kinds[reference])
+    problems = []
+    for key, indices in kinds.items():
+        if key != reference:
+            problems += [(idx, f'has shape {list(key[0])} {key[1]}, but {count} of the {len(names)} samples have '
+                f'{list(shape)} {dtype}; all samples must have one shape') for idx in indices]
+    first = min(kinds[reference])
+    _channels, height, width = shape
+    is_image = not names[first].lower().endswith('.npy')
+    common = f'(the size of {count} of the {len(names)} samples)'
+    if height != width:
+        problems.append((first, f'is {width}x{height} {common}; training needs square samples'))
+    elif is_image and width & (width - 1) != 0:
+        problems.append((first, f'is {width}x{height} {common}; images must have a power-of-two side'))
+    return reference, problems
+
+@cli.command()
+@click.option('--source', help='Dataset ZIP or directory, as train_edm2.py --data reads it', metavar='PATH', type=str, required=True)
+@click.option('--workers', help='Worker processes  [default: CPU count, at most 16]', metavar='INT', type=click.IntRange(min=1))
+def check(source, workers):
+    """Read every sample and label of a dataset and report what training would stumble on.
+
+    Exits with 0 and a one-line summary when the dataset is usable, else lists the problems
+    (the file and what is wrong) and exits with 1.
+    """
+    with dnnlib.cli.user_errors():
+        folder = training_dataset.SampleFolder(source)
+        names = folder.sample_names
+        problems = [] # (raw index, file name, what is wrong)
+        try:
+            labels, label_problems = folder.read_labels()
+        except training_dataset.DatasetError as err:
+            labels, label_problems = None, [('dataset.json', f'cannot be used: {err.__cause__ or err}')]
+        order = {name: idx for idx, name in enumerate(names)}
+        problems += [(order.get(name, len(names)), name, what) for name, what in label_problems]
+        folder.close() # workers open their own handle
+        kinds, failures = scan_in_parallel(folder, workers or default_workers())
+        reference, wrong_shapes = shape_problems(folder, kinds)
+        problems += [(idx, names[idx], what) for idx, what in failures + wrong_shapes]
+
+    if problems:
+        problems.sort(key=lambda problem: problem[0])
+        click.echo(f'{source}: {len(problems)} problem{"s" if len(problems) > 1 else ""} in {len(names)} samples:', err=True)
+        for _idx, name, what in problems[:20]:
+            click.echo(f'  {name} {what}', err=True)
+        if len(problems) > 20:
+            click.echo(f'  ... and {len(problems) - 20} more', err=True)
+        click.get_current_context().exit(1)
+
+    shape, dtype = reference
+    if labels is None:
+        label_text = 'no labels (label_dim 0)'
+    elif labels.dtype == np.int64:
+        label_text = f'class labels (label_dim {int(labels.max()) + 1})'
+    else:
+        label_text = f'vector labels (label_dim {labels.shape[1]})'
+    click.echo(f'{source}: OK, {len(names)} samples of shape {list(shape)} {dtype}, {label_text}')
 
 #----------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 import inspect
 import math
+import numbers
 import os
-import pickle
 
 import click
 import numpy as np
@@ -12,8 +12,11 @@ import torch
 import tqdm
 
 import dnnlib
+import dnnlib.cli
 from torch_utils import distributed as dist
-from training.consistency_ops import make_karras_sigmas
+from torch_utils import misc
+from torch_utils import persistence
+from training.consistency_ops import ddim_step_edm, make_edge_grid
 from training.encoders import StandardRGBEncoder
 
 #----------------------------------------------------------------------------
@@ -73,12 +76,7 @@ config_presets = {name: _preset(*files) for name, files in _PUBLISHED_MODELS.ite
 
 #----------------------------------------------------------------------------
 # Samplers. Each maps pure noise (unit variance) to a latent batch; `net` is a denoiser D(x; sigma).
-
-def sigma_schedule(num_steps, sigma_min, sigma_max, rho, dtype, device):
-    """Karras noise levels sigma_0 = sigma_max > ... > sigma_min, then 0; built in float64 and cast."""
-    nodes = make_karras_sigmas(num_steps, sigma_min, sigma_max, rho)
-    return torch.cat([nodes, nodes.new_zeros(1)]).to(dtype=dtype, device=device)
-
+# Their noise levels are make_edge_grid()'s Karras nodes and 0, built in float64 and cast to `dtype`.
 
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
                 guidance=1, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1, dtype=torch.float32,
@@ -92,7 +90,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
             return d_main
         return torch.lerp(guide(x, sigma, labels).to(dtype), d_main, guidance)
 
-    sigmas = sigma_schedule(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
+    sigmas = make_edge_grid(num_steps, sigma_min, sigma_max, rho).to(dtype=dtype, device=noise.device)
     x_next = noise.to(dtype) * sigmas[0]
     for i in range(num_steps):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -110,7 +108,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
 
 
 def _student_steps(net, noise, labels, num_steps, sigma_min, sigma_max, rho, dtype, renoise):
-    sigmas = sigma_schedule(num_steps, sigma_min, sigma_max, rho, dtype, noise.device)
+    sigmas = make_edge_grid(num_steps, sigma_min, sigma_max, rho).to(dtype=dtype, device=noise.device)
     x = noise.to(dtype) * sigmas[0]
     for i in range(num_steps - 1):
         x = renoise(x, net(x, sigmas[i], labels).to(dtype), sigmas[i], sigmas[i + 1])
@@ -119,9 +117,13 @@ def _student_steps(net, noise, labels, num_steps, sigma_min, sigma_max, rho, dty
 
 def consistency_sampler(net, noise, labels=None, num_steps=8, sigma_min=0.002, sigma_max=80, rho=7,
                         dtype=torch.float32, randn_like=torch.randn_like):
-    """Multistep consistency sampling: one deterministic DDIM (Euler) step per student segment, NFE = num_steps."""
+    """Multistep consistency sampling: one deterministic DDIM (Euler) step per student segment, NFE = num_steps.
+
+    The step is training's ddim_step_edm; its sigma check is off, as the grid's nodes are all positive and
+    checking them would wait for the device at every step.
+    """
     def ddim(x, x_hat, sigma, sigma_next):
-        return x_hat + (sigma_next / sigma) * (x - x_hat)
+        return ddim_step_edm(x, x_hat, sigma, sigma_next, check=False)
     return _student_steps(net, noise, labels, num_steps, sigma_min, sigma_max, rho, dtype, ddim)
 
 
@@ -161,12 +163,8 @@ class StackedRandomGenerator:
 #----------------------------------------------------------------------------
 # Loading, batching and saving.
 
-class GenerationError(ValueError):
-    """A network pickle or option that cannot be used as requested."""
-
-
-def default_device():
-    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+class GenerationError(dnnlib.UserError):
+    """A network pickle, option or sampling result that cannot be used as requested."""
 
 
 class BatchIterable:
@@ -185,16 +183,7 @@ class BatchIterable:
         return self._make_iterator()
 
 
-def load_network_pickle(source, verbose=True):
-    """Read a network pickle (path or URL) and return its top-level dict; only 'ema' is required."""
-    with dnnlib.util.open_url(source, verbose=verbose) as f:
-        data = pickle.load(f)
-    if not isinstance(data, dict) or 'ema' not in data:
-        raise GenerationError(f'{source} is not a network pickle: expected a dict with an "ema" entry, got {type(data).__name__}')
-    return data
-
-
-def _network_data(net, role, verbose):
+def _network_data(net, what, role, verbose):
     """The pickle dict behind `net` (a path, URL or loaded dict), or None for a module."""
     if isinstance(net, dict):
         return net
@@ -202,20 +191,29 @@ def _network_data(net, role, verbose):
         return None
     if verbose:
         dist.print0(f'Loading the {role} from {net} ...')
-    return load_network_pickle(net, verbose=(verbose and dist.get_rank() == 0))
+    return persistence.load_network_pickle(os.fspath(net), what=what, verbose=(verbose and dist.get_rank() == 0))
+
+
+def _pickled_network(data, what):
+    """The network of a pickle dict: 'ema', or else 'net' (the rule of persistence.load_network_pickle)."""
+    module = data.get('ema', data.get('net'))
+    if module is None:
+        raise GenerationError(f'{what}: the given dict has no "ema" (or "net") network; keys: {sorted(map(str, data))}')
+    return module
 
 
 def _load_networks(net, gnet, encoder, device, verbose):
     """(net, gnet, initialised encoder, 'cd' entry or None) for generate_images()."""
-    data = _network_data(net, 'main network', verbose)
+    data = _network_data(net, '--net', 'main network', verbose)
     data = data if data is not None else dict(ema=net)
-    guide = _network_data(gnet, 'guiding network', verbose)
+    guide = _network_data(gnet, '--gnet', 'guiding network', verbose)
     if encoder is None:
         encoder = data.get('encoder')
     if encoder is None:
         encoder = StandardRGBEncoder()
     encoder.init(device)
-    return data['ema'], (gnet if guide is None else guide['ema']), encoder, data.get('cd')
+    gnet = gnet if guide is None else _pickled_network(guide, '--gnet')
+    return _pickled_network(data, '--net'), gnet, encoder, data.get('cd')
 
 
 def rank_batches(num_items, max_batch_size):
@@ -235,6 +233,27 @@ def to_pil(image_chw):
     """uint8 CHW array (1 or 3 channels) -> PIL image."""
     array = np.asarray(image_chw).transpose(1, 2, 0)
     return PIL.Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def save_png(image_chw, path):
+    """Write a uint8 CHW image to `path` as a PNG that appears complete or not at all (folders are created)."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        dist.write_file_atomically(path, lambda f: to_pil(image_chw).save(f, format='png'))
+    except OSError as err:
+        raise GenerationError(f'Cannot write {path}: {err.strerror or err}') from None
+
+
+def refuse_non_finite(latents, seeds, writing=False):
+    """Raise a GenerationError naming the seeds whose sampled latents hold NaN or inf (one device sync)."""
+    finite = torch.isfinite(latents.reshape(len(seeds), -1)).all(dim=1).cpu()
+    if bool(finite.all()):
+        return
+    bad = [seed for seed, ok in zip(seeds, finite.tolist()) if not ok]
+    shown = ', '.join(str(seed) for seed in bad[:5]) + (', ...' if len(bad) > 5 else '')
+    consequence = 'no image of this batch was written' if writing else 'the batch was not decoded'
+    raise GenerationError(f'The sampler returned NaN or inf for {len(bad)} of the {len(seeds)} seeds of a batch '
+        f'(seeds {shown}); {consequence}')
 
 
 def image_grid(images):
@@ -262,6 +281,11 @@ def resolve_sampler(sampler_fn, cd, sampler_kwargs):
         missing = [key for key in ('S', 'sigma_min', 'sigma_max', 'rho') if key not in cd]
         if missing:
             raise GenerationError(f'The "cd" entry of the network pickle lacks {missing}')
+        unusable = {key: cd[key] for key in ('S', 'sigma_min', 'sigma_max', 'rho')
+                    if not isinstance(cd[key], numbers.Real) or not math.isfinite(cd[key]) or cd[key] <= 0}
+        if unusable:
+            raise GenerationError(f'The "cd" entry of the network pickle has unusable values {unusable}; '
+                'S, sigma_min, sigma_max and rho must be positive numbers')
         if kwargs.get('guidance', 1) != 1:
             raise GenerationError(f'Guidance {kwargs["guidance"]} is not available for consistency students; use guidance 1 (no --gnet)')
         kwargs.pop('guidance', None)
@@ -278,6 +302,11 @@ def resolve_sampler(sampler_fn, cd, sampler_kwargs):
     unused = [key for key in kwargs if not _accepts(sampler_fn, key)]
     if unused:
         raise GenerationError(f'Sampler {sampler_fn.__name__} does not take {unused}; guidance and S_* options need the Heun sampler')
+    defaults = {p.name: p.default for p in inspect.signature(sampler_fn).parameters.values()}
+    low, high = (kwargs.get(key, defaults.get(key)) for key in ('sigma_min', 'sigma_max'))
+    if isinstance(low, numbers.Real) and isinstance(high, numbers.Real) and low > high:
+        raise GenerationError(f'sigma_min = {low} is above sigma_max = {high}; --sigma_min and --sigma_max replace '
+            'the defaults (a student\'s come from its pickle) and must keep sigma_min <= sigma_max')
     return sampler_fn, kwargs
 
 #----------------------------------------------------------------------------
@@ -297,8 +326,11 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     name, or None for Heun (edm_sampler) on EDM2 models and the consistency sampler on students.
     `sampler_kwargs` with value None are left at the sampler's default. `encoder_batch_size` None
     keeps the encoder's own; `device` None picks CUDA when available, else the CPU.
+
+    A batch whose sampled latents hold NaN or inf raises a GenerationError naming its seeds, before
+    any of its images is decoded or written.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     net, gnet, encoder, cd = dist.node_first(_load_networks, net, gnet, encoder, device, verbose)
     if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
         encoder.batch_size = encoder_batch_size
@@ -327,12 +359,11 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
             r.labels = torch.eye(net.label_dim, device=device)[class_ids]
         with torch.no_grad():
             latents = sampler_fn(net=net, noise=r.noise, labels=r.labels, randn_like=rnd.randn_like, **sampler_kwargs)
+            refuse_non_finite(latents, r.seeds, writing=outdir is not None)
             r.images = encoder.decode(latents)
         if outdir is not None:
             for seed, image in zip(r.seeds, r.images.cpu().numpy()):
-                path = image_path(outdir, seed, subdirs)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                to_pil(image).save(path)
+                save_png(image, image_path(outdir, seed, subdirs))
         return r
 
     def results():
@@ -382,14 +413,14 @@ def _gather_to_rank0(items):
 @click.option('--grid', help='Also save all images as one mosaic to this PNG file', metavar='FILE.png')
 @click.option('--sampler', 'sampler_fn', help='heun (EDM2 models), euler (deterministic consistency), stochastic (consistency with fresh noise) [default: euler for students, else heun]', type=click.Choice(sorted(SAMPLERS)))
 @click.option('--steps', 'num_steps', help='Number of noise levels [default: S for students, else 32]', metavar='INT', type=click.IntRange(min=1))
-@click.option('--sigma_min', help='Lowest noise level [default: 0.002 or the student\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help='Highest noise level [default: 80 or the student\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho', help='Karras schedule exponent [default: 7 or the student\'s]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--guidance', help='Guidance strength; 1 disables guidance  [default: 1]', metavar='FLOAT', type=float)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength (Heun) [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_min', 'S_min', help='Lowest noise level with churn (Heun) [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_max', 'S_max', help='Highest noise level with churn (Heun) [default: inf]', metavar='FLOAT', type=click.FloatRange(min=0))
-@click.option('--S_noise', 'S_noise', help='Churn noise scale (Heun) [default: 1]', metavar='FLOAT', type=float)
+@click.option('--sigma_min', help='Lowest noise level [default: 0.002 or the student\'s]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, min_open=True))
+@click.option('--sigma_max', help='Highest noise level [default: 80 or the student\'s]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, min_open=True))
+@click.option('--rho', help='Karras schedule exponent [default: 7 or the student\'s]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, min_open=True))
+@click.option('--guidance', help='Guidance strength; 1 disables guidance  [default: 1]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat())
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength (Heun) [default: 0]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0))
+@click.option('--S_min', 'S_min', help='Lowest noise level with churn (Heun) [default: 0]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0))
+@click.option('--S_max', 'S_max', help='Highest noise level with churn (Heun) [default: inf]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, allow_inf=True))
+@click.option('--S_noise', 'S_noise', help='Churn noise scale (Heun) [default: 1]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0))
 def cmdline(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size, grid, sampler_fn, **sampler_kwargs):
     """Generate images with an EDM2 model or a consistency-distilled student.
 
@@ -419,20 +450,17 @@ def cmdline(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size
 
     dist.init()
     kept = []
-    try:
+    with dnnlib.cli.user_errors():
         image_iter = generate_images(net=net, gnet=gnet, outdir=outdir, subdirs=subdirs, seeds=seeds, class_idx=class_idx,
                                      max_batch_size=max_batch_size, sampler_fn=sampler_fn, **sampler_kwargs)
         for r in tqdm.tqdm(image_iter, unit='batch', disable=dist.get_rank() != 0):
             if grid is not None and r.images is not None:
                 kept.extend(zip(r.indices.tolist(), r.images.cpu().numpy()))
-    except GenerationError as err:
-        raise click.ClickException(str(err)) from err
-    if grid is not None:
-        kept = sorted(_gather_to_rank0(kept), key=lambda item: item[0])
-        if dist.get_rank() == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-            to_pil(image_grid(np.stack([image for _, image in kept]))).save(grid)
-            print(f'Saved grid of {len(kept)} images to "{grid}"')
+        if grid is not None:
+            kept = sorted(_gather_to_rank0(kept), key=lambda item: item[0])
+            if dist.get_rank() == 0:
+                save_png(image_grid(np.stack([image for _, image in kept])), grid)
+                print(f'Saved grid of {len(kept)} images to "{grid}"')
     dist.print0('Done.')
 
 #----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 import calculate_metrics
 import dnnlib
 import generate_images
+from torch_utils import misc
 from train_edm2 import ImageCount
 from training.dataset import ImageFolderDataset
 
@@ -147,7 +148,7 @@ def format_table(rows):
 def conditioned_classes(seeds, label_dim, image_shape, device=None):
     """The class generate_images.py conditions each seed on when no --class is given: each seed's own
     generator draws the initial noise first and the class index next."""
-    device = torch.device(device) if device is not None else generate_images.default_device()
+    device = torch.device(device) if device is not None else misc.default_device()
     streams = generate_images.StackedRandomGenerator(device, seeds)
     streams.randn([len(seeds), *image_shape], device=device)
     return streams.randint(label_dim, size=[len(seeds)], device=device).cpu().numpy()

@@ -1,6 +1,7 @@
 """Build networks with any power-function EMA length from the phema snapshots of a training run."""
 
 import copy
+import math
 import os
 import pickle
 import re
@@ -12,6 +13,8 @@ import tqdm
 
 import dnnlib
 import training.phema
+from torch_utils import distributed as dist
+from torch_utils import persistence
 
 _SNAPSHOT_NAME = re.compile(r'(.*)-(\d+)-(\d+\.\d+)\.pkl')
 
@@ -39,6 +42,8 @@ def parse_std_list(text):
             value = float(token)
         except ValueError:
             raise ValueError(f'"{token}" in "{text}" is not a number') from None
+        if not math.isfinite(value):
+            raise ValueError(f'"{token}" in "{text}" is not a finite number')
         if pos > 0 and tokens[pos - 1] == '...':
             values += _expand_range(values, value, text)
         else:
@@ -62,8 +67,12 @@ def _expand_range(values, stop, text):
 
 def find_snapshots(indir, prefix=None, stds=None):
     """Phema snapshots '<prefix>-<kimg>-<std>.pkl' directly inside `indir`, sorted by (nimg, std)."""
+    try:
+        file_names = os.listdir(indir)
+    except OSError as err:
+        raise dnnlib.UserError(f'--indir: cannot list {indir} ({err.strerror or err})') from None
     snapshots = []
-    for file_name in os.listdir(indir):
+    for file_name in file_names:
         match = _SNAPSHOT_NAME.fullmatch(file_name)
         if match is None:
             continue
@@ -79,10 +88,9 @@ def find_snapshots(indir, prefix=None, stds=None):
 
 
 def _load_snapshot(path):
-    with dnnlib.util.open_url(path) as f:
-        data = pickle.load(f)
-    if not isinstance(data, dict) or 'ema' not in data:
-        raise ValueError(f'Snapshot {path} is not a dict with an "ema" network')
+    data = persistence.load_network_pickle(path, what='--indir snapshot')
+    if 'ema' not in data:
+        raise dnnlib.UserError(f'--indir snapshot: {path} has no "ema" network (keys: {sorted(map(str, data))})')
     data['ema'] = data['ema'].to(torch.float32)
     return data
 
@@ -103,7 +111,9 @@ def reconstruct_phema(snapshots, out_stds, out_nimg, outdir, outprefix='phema', 
     """Write one network pickle per std in `out_stds`, each the EMA profile at time `out_nimg`.
 
     Output pickles keep every entry of the first input snapshot; only 'ema' is replaced. Each
-    group of up to `batch_size` outputs is built in a single pass over the inputs.
+    group of up to `batch_size` outputs is built in a single pass over the inputs. `outdir` is created
+    and written only after the first pass has read every input, so an unreadable snapshot (a
+    dnnlib.UserError) leaves no output behind; each output file appears complete or not at all.
     """
     inputs = [snapshot for snapshot in snapshots if 0 < snapshot.nimg <= out_nimg]
     if not inputs:
@@ -118,7 +128,6 @@ def reconstruct_phema(snapshots, out_stds, out_nimg, outdir, outprefix='phema', 
     if not out_stds:
         return
     groups = np.array_split(out_stds, int(np.ceil(len(out_stds) / batch_size)))
-    os.makedirs(outdir, exist_ok=True)
 
     in_nimg = [snapshot.nimg for snapshot in inputs]
     in_std = [snapshot.std for snapshot in inputs]
@@ -136,10 +145,10 @@ def reconstruct_phema(snapshots, out_stds, out_nimg, outdir, outprefix='phema', 
                 for output, coef in zip(outputs, snapshot_coefs):
                     _accumulate(output['ema'], data['ema'], float(coef), snapshot.path)
                 progress.update(1)
+            os.makedirs(outdir, exist_ok=True)
             for output, std in zip(outputs, group):
                 output['ema'] = output['ema'].to(torch.float16)
-                with open(out_path(std), 'wb') as f:
-                    pickle.dump(output, f)
+                dist.write_file_atomically(out_path(std), lambda f: pickle.dump(output, f))
 
 
 class StdList(click.ParamType):
@@ -172,11 +181,13 @@ def cmdline(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, ba
     if os.environ.get('WORLD_SIZE', '1') != '1':
         raise click.ClickException('reconstruct_phema.py runs as a single process; do not launch it with torchrun')
     if not os.path.isdir(indir):
-        raise click.ClickException(f'--indir: {indir} is not a directory')
+        raise click.ClickException(f'--indir: {indir} ' + ('is not a directory' if os.path.exists(indir) else 'does not exist'))
     try:
         snapshots = find_snapshots(indir, prefix=inprefix, stds=instd)
         if not snapshots:
-            raise ValueError(f'--indir: no snapshots named <prefix>-<kimg>-<std>.pkl in {indir} pass the --inprefix/--instd filters')
+            if find_snapshots(indir):
+                raise ValueError(f'--indir: no snapshots in {indir} pass the --inprefix/--instd filters')
+            raise ValueError(f'--indir: {indir} holds no snapshots named <prefix>-<kimg>-<std>.pkl')
         out_nimg = max(snapshot.nimg for snapshot in snapshots)
         if outkimg is not None:
             at_outkimg = [snapshot.nimg for snapshot in snapshots if snapshot.nimg // 1000 == outkimg]
@@ -186,8 +197,8 @@ def cmdline(indir, inprefix, instd, outdir, outprefix, outstd, outkimg, skip, ba
         print(f'Reconstructing {len(outstd)} EMA profile(s) at kimg {out_nimg // 1000} from {indir} into {outdir}')
         reconstruct_phema(snapshots, out_stds=outstd, out_nimg=out_nimg, outdir=outdir, outprefix=outprefix,
                           batch_size=batch, skip_existing=skip)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from err
+    except ValueError as err:  # the bad requests and inputs found here, dnnlib.UserErrors included
+        raise click.ClickException(str(err)) from None
     print('Done.')
 
 

@@ -79,8 +79,8 @@ def training_step(net, loss_fn, optimizer, images, labels, seed, cur_nimg):
     """One optimizer step as the training loop takes it, including its per-step reseed."""
     misc.set_random_seed(seed, 0, cur_nimg)
     optimizer.zero_grad(set_to_none=True)
-    if hasattr(loss_fn, 'set_global_kimg'):
-        loss_fn.set_global_kimg(cur_nimg / 1e3)
+    if hasattr(loss_fn, 'set_progress'):
+        loss_fn.set_progress(cur_nimg)
     loss = loss_fn(net=net, images=images, labels=labels)
     training_stats.report('Loss/loss', loss)
     (loss.sum() / images.shape[0]).backward()
@@ -116,7 +116,7 @@ def draw_edges(setup, seed, cur_nimg):
     """The edges and noise the CD loss draws in the training step at cur_nimg (same reseed, same draw)."""
     loss = setup.cd_loss
     misc.set_random_seed(seed, 0, cur_nimg)
-    loss.set_global_kimg(cur_nimg / 1e3)
+    loss.set_progress(cur_nimg)
     return loss.draw_edges(setup.images, loss.grids(loss.current_teacher_edges(), setup.device))
 
 

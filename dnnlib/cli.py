@@ -20,6 +20,9 @@ class FiniteFloat(click.FloatRange):
         super().__init__(min=min, max=max, min_open=min_open, max_open=max_open)
         self.allow_inf = allow_inf
 
+    def _describe_range(self):
+        return 'finite' if self.min is None and self.max is None else super()._describe_range()
+
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if math.isnan(number) or (math.isinf(number) and not self.allow_inf):

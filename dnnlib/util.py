@@ -13,11 +13,11 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import sys
-import tempfile
+import time
 import urllib.parse
 import urllib.request
-import uuid
 
 import numpy as np
 import requests
@@ -26,7 +26,14 @@ import requests
 
 
 class UserError(ValueError):
-    """A file, option or value given by the user that cannot be used; commands report it as one line."""
+    """A file, option or value given by the user that cannot be used; commands report it as one line.
+
+    `option` may name the keyword argument at fault, so that a command line can name its own option.
+    """
+
+    def __init__(self, message, option=None):
+        super().__init__(message)
+        self.option = option
 
 
 class EasyDict(dict):
@@ -91,25 +98,96 @@ class Logger:
 
 #----------------------------------------------------------------------------
 # Cache directory for downloads and third-party model weights.
+#
+# Whatever lands in the cache is later unpickled or imported without asking, so the cache has to be
+# private: a folder that belongs to the current user and that nobody else can write to.
 
 _cache_dir_override = None
 
 
 def set_cache_dir(path):
+    """Use `path` as the cache root from now on; None goes back to the environment's choice."""
     global _cache_dir_override
     _cache_dir_override = path
 
 
-def make_cache_dir_path(*paths):
-    """Path under the cache root: set_cache_dir(), $DNNLIB_CACHE_DIR, ~/.cache/dnnlib, or the temp dir."""
+def _home_from_user_database():
+    """The current user's home folder when HOME/USERPROFILE are unset, or None if there is none."""
+    try:
+        import pwd
+    except ImportError: # not POSIX: expanduser() knows the Windows variables
+        home = os.path.expanduser('~')
+        return home if home != '~' and os.path.isdir(home) else None
+    try:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError: # e.g. a container user id without an entry
+        return None
+    return home if home and os.path.isdir(home) else None
+
+
+def _cache_root():
     if _cache_dir_override is not None:
-        return os.path.join(_cache_dir_override, *paths)
-    if 'DNNLIB_CACHE_DIR' in os.environ:
-        return os.path.join(os.environ['DNNLIB_CACHE_DIR'], *paths)
-    for home_var in ['HOME', 'USERPROFILE']:
-        if home_var in os.environ:
-            return os.path.join(os.environ[home_var], '.cache', 'dnnlib', *paths)
-    return os.path.join(tempfile.gettempdir(), '.cache', 'dnnlib', *paths)
+        return _cache_dir_override
+    for var, below in [('DNNLIB_CACHE_DIR', ()), ('HOME', ('.cache', 'dnnlib')), ('USERPROFILE', ('.cache', 'dnnlib'))]:
+        if os.environ.get(var):
+            return os.path.join(os.environ[var], *below)
+    home = _home_from_user_database()
+    if home is None:
+        raise UserError('Cannot place the download cache: HOME and USERPROFILE are unset and the user database '
+                        'has no home folder for this user. Set DNNLIB_CACHE_DIR to a folder of your own.')
+    return os.path.join(home, '.cache', 'dnnlib')
+
+
+def _check_private_dir(path):
+    """Raise UserError unless the existing folder `path` is owned by this user and not writable by others.
+
+    POSIX only; elsewhere the permission bits say nothing and the check is skipped.
+    """
+    if os.name != 'posix':
+        return
+    info = os.stat(path)
+    if info.st_uid != os.geteuid():
+        raise UserError(f'Refusing to use the cache folder {path}: it belongs to user id {info.st_uid}, not to you '
+                        f'(user id {os.geteuid()}), and cached files are loaded without asking. Set DNNLIB_CACHE_DIR '
+                        f'to a folder of your own, or remove {path} so that it is created again.')
+    if info.st_mode & 0o022:
+        who = {0o020: 'its group', 0o002: 'all users', 0o022: 'its group and all users'}[info.st_mode & 0o022]
+        raise UserError(f'Refusing to use the cache folder {path}: it is writable by {who} '
+                        f'(mode {stat.S_IMODE(info.st_mode):o}), and cached files are loaded without asking. '
+                        f'Make it private with `chmod 700 {path}`, or set DNNLIB_CACHE_DIR to a private folder.')
+
+
+def _make_private_dir(path):
+    """Create `path` (mode 0700) unless it exists, then check that it is private (see _check_private_dir)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as err:
+        raise UserError(f'Cannot create the cache folder {path} ({err.strerror or err}). '
+                        f'Set DNNLIB_CACHE_DIR to a folder of your own.') from err
+    _check_private_dir(path)
+
+
+def make_cache_dir_path(*paths):
+    """Path of `paths` below the cache root, which is created (mode 0700) and checked first.
+
+    The root is the first of: the set_cache_dir() value, $DNNLIB_CACHE_DIR, $HOME/.cache/dnnlib,
+    $USERPROFILE/.cache/dnnlib, and ~/.cache/dnnlib with the home folder from the user database.
+    There is no shared fallback (such as the temp dir): without any of these it raises UserError.
+
+    Cached files are unpickled or imported without asking, so the root must belong to the current
+    user and must not be writable by group or others, otherwise UserError names the folder and the
+    fix. This holds for an explicitly chosen root (set_cache_dir, $DNNLIB_CACHE_DIR) as well: where
+    it comes from does not make a shared folder safe. Folders of `paths` that already exist are
+    checked in the same way; the missing ones are left to the caller to create.
+    """
+    root = _cache_root()
+    _make_private_dir(root)
+    for depth in range(1, len(paths) + 1):
+        below = os.path.join(root, *paths[:depth])
+        if not os.path.isdir(below):
+            break
+        _check_private_dir(below)
+    return os.path.join(root, *paths)
 
 #----------------------------------------------------------------------------
 # Small conversions.
@@ -330,6 +408,9 @@ def _fetch_url(session, url):
         content = res.content
         if not content:
             raise IOError('server sent an empty response')
+        expected = res.headers.get('Content-Length', '')
+        if expected.isdigit() and res.headers.get('Content-Encoding', 'identity') == 'identity' and len(content) != int(expected):
+            raise IOError(f'incomplete download: got {len(content)} of {expected} bytes')
         if len(content) < 8192 and 'download_warning' in res.headers.get('Set-Cookie', ''):
             raise _RedirectNeeded(_google_drive_confirm_link(url, content))
         if len(content) < 8192 and b'Google Drive - Quota exceeded' in content:
@@ -373,12 +454,50 @@ def _download(url, num_attempts, verbose, manual_path):
     raise IOError(f'Could not download {url} after {num_attempts} attempt(s): {last_error}.{hint}')
 
 
+_STALE_TEMP_SECONDS = 24 * 3600
+
+
+def _cache_hit(cache_dir, url_md5):
+    """The cached download of the URL with this md5, or None.
+
+    As in EDM2, a hit is the only file named '<md5>_*'. Temporary files never match: ours are
+    named '.<md5>_<name>.<hex>.tmp' and EDM2's 'tmp_<hex>_<md5>_<name>', and neither '.' nor 't' can
+    start an md5. An empty file (a download that went wrong elsewhere) is removed and is no hit.
+    """
+    hits = []
+    for path in glob.glob(os.path.join(glob.escape(cache_dir), url_md5 + '_*')):
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)
+        elif os.path.isfile(path):
+            hits.append(path)
+    return hits[0] if len(hits) == 1 else None
+
+
+def _remove_stale_temp_files(cache_dir, url_md5):
+    """Remove temporary files that downloads of this URL left when killed more than a day ago.
+
+    Younger ones may belong to a download that is still running in another process.
+    """
+    patterns = [f'.{url_md5}_*.tmp', f'tmp_*_{url_md5}_*']
+    for pattern in patterns:
+        for path in glob.glob(os.path.join(glob.escape(cache_dir), pattern)):
+            try:
+                if time.time() - os.path.getmtime(path) > _STALE_TEMP_SECONDS:
+                    os.remove(path)
+            except OSError:
+                pass # gone already, or not ours to remove
+
+
 def open_url(url, cache_dir=None, num_attempts=10, verbose=True, return_filename=False, cache=True):
     """Open a local path, a file:// URL or an http(s) URL as a binary file object.
 
     Downloads are kept under cache_dir (default: make_cache_dir_path('downloads')) and reused
     on later calls. With return_filename the local file name is returned instead of a file
     object; with cache=False the download is returned as an in-memory stream.
+
+    The cache folder is created with mode 0700 and refused (UserError) if it is not private. A
+    download is written to a temporary file in that folder, flushed to disk and renamed into
+    place only once it is complete, so an interrupted download never becomes a cache hit.
     """
     if num_attempts < 1:
         raise ValueError(f'num_attempts must be at least 1, got {num_attempts}')
@@ -393,26 +512,25 @@ def open_url(url, cache_dir=None, num_attempts=10, verbose=True, return_filename
     if not is_url(url):
         raise ValueError(f'Not a valid URL: {url!r}')
 
-    if cache_dir is None:
-        cache_dir = make_cache_dir_path('downloads')
     url_md5 = hashlib.md5(url.encode('utf-8')).hexdigest()
     if cache:
-        hits = glob.glob(os.path.join(glob.escape(cache_dir), url_md5 + '_*'))
-        if len(hits) == 1:
-            return hits[0] if return_filename else open(hits[0], 'rb')
+        if cache_dir is None:
+            cache_dir = make_cache_dir_path('downloads')
+        _make_private_dir(cache_dir)
+        hit = _cache_hit(cache_dir, url_md5)
+        if hit is not None:
+            return hit if return_filename else open(hit, 'rb')
+        _remove_stale_temp_files(cache_dir, url_md5)
 
     manual_path = os.path.join(cache_dir, f'{url_md5}_{_safe_file_name(url)}') if cache else None
     content, server_name = _download(url, num_attempts, verbose, manual_path)
     if not cache:
         return io.BytesIO(content)
 
-    cache_name = f'{url_md5}_{_safe_file_name(server_name or url)}'
-    cache_file = os.path.join(cache_dir, cache_name)
-    os.makedirs(cache_dir, exist_ok=True)
-    temp_file = os.path.join(cache_dir, f'tmp_{uuid.uuid4().hex}_{cache_name}')
-    with open(temp_file, 'wb') as f:
-        f.write(content)
-    os.replace(temp_file, cache_file) # readers never see a partial file
+    # Imported here: torch_utils imports dnnlib, so a module-level import would be circular.
+    from torch_utils.distributed import write_file_atomically
+    cache_file = os.path.join(cache_dir, f'{url_md5}_{_safe_file_name(server_name or url)}')
+    write_file_atomically(cache_file, lambda f: f.write(content))
     return cache_file if return_filename else open(cache_file, 'rb')
 
 #----------------------------------------------------------------------------

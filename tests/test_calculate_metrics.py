@@ -213,7 +213,8 @@ def test_calculate_metrics_from_stats_loads_a_ref_path_and_skips_missing_metrics
 
 def test_save_stats_replaces_the_file_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / 'stats.pkl')
-    calculate_metrics.save_stats({'num_images': 2}, path, verbose=False)
+    old = {'num_images': 2, 'fid': dict(mu=np.zeros(2), sigma=np.eye(2))}
+    calculate_metrics.save_stats(old, path, verbose=False)
 
     def broken_dump(obj, f):
         f.write(b'half a pickle')
@@ -222,7 +223,7 @@ def test_save_stats_replaces_the_file_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match='disk full'):
         calculate_metrics.save_stats({'num_images': 3}, path, verbose=False)
     monkeypatch.undo()
-    assert os.listdir(tmp_path) == ['stats.pkl'] and calculate_metrics.load_stats(path, verbose=False) == {'num_images': 2}
+    assert os.listdir(tmp_path) == ['stats.pkl'] and calculate_metrics.load_stats(path, verbose=False)['num_images'] == 2
 
 
 def test_get_detector_builds_once_per_metric(edm2_detectors):
@@ -245,6 +246,19 @@ def test_dinov2_pil_resize_mode(detectors):
         assert torch.allclose(detector(images), models['fd_dinov2'](x), atol=1e-6)
     with pytest.raises(ValueError, match='resize_mode'):
         calculate_metrics.DINOv2Detector('nearest', source=paths['fd_dinov2'])
+
+
+def test_default_dinov2_source_is_a_pinned_commit(tmp_path, monkeypatch):
+    assert re.fullmatch(r'[0-9a-f]{40}', calculate_metrics.DINOV2_COMMIT)
+    assert calculate_metrics.DINOv2Detector.default_source == 'facebookresearch/dinov2:' + calculate_metrics.DINOV2_COMMIT
+    calls = []
+    monkeypatch.setattr(torch.hub, 'load', lambda *args, **kwargs: calls.append((args, kwargs)) or torch.nn.Identity())
+    monkeypatch.setattr(torch.hub, '_hub_dir', getattr(torch.hub, '_hub_dir', None))  # undo set_dir() afterwards
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path))
+    calculate_metrics.DINOv2Detector()  # torch.hub.load is replaced: nothing is downloaded
+    assert calls == [(('facebookresearch/dinov2:' + calculate_metrics.DINOV2_COMMIT, 'dinov2_vitl14'),
+                      dict(source='github', trust_repo=True, verbose=False, skip_validation=True))]
+    assert torch.hub.get_dir() == str(tmp_path / 'torch_hub')
 
 
 def test_parse_metric_list():
@@ -298,7 +312,7 @@ def test_num_images_picks_a_seeded_subset_and_needs_enough_images(tmp_path, edm2
         return torch.cat([r.images for r in results])
     assert subset(0).shape == (4, 3, 8, 8) and torch.equal(subset(0), subset(0))
     assert not all(torch.equal(subset(0), subset(seed)) for seed in range(1, 4))
-    with pytest.raises(click.ClickException, match=r'7 images, fewer than the 8'):
+    with pytest.raises(calculate_metrics.MetricsError, match=r'7 images, fewer than the 8'):
         calculate_metrics.calculate_stats_for_files(folder, num_images=8, num_workers=0, verbose=False)
 
 
@@ -354,3 +368,141 @@ def test_gen_with_student_pickle(tmp_path, detectors, repo_root, subprocess_env)
         features = models['fid'](images, return_features=True).double().numpy()
     expected = fd_by_eigenvalues(features, features_of_folder(ref_dir, models)['fid'])
     assert printed_metric(proc.stdout, 'fid') == pytest.approx(expected, rel=1e-3)
+
+#----------------------------------------------------------------------------
+# Unreadable inputs: one line naming the file, a failing exit status, nothing written.
+
+def error_line(stderr):
+    """The one 'Error: ...' line a command printed for a user error, which must end its stderr."""
+    assert 'Traceback' not in stderr and 'Aborted' not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('Error:')]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    return errors[0]
+
+
+def assert_user_error(result, *fragments):
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    line = error_line(result.stderr)
+    assert all(fragment in line for fragment in fragments), (line, fragments)
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run the commands with CliRunner: no process group, no global start method, a fresh detector cache."""
+    from torch_utils import distributed as dist
+    monkeypatch.setattr(dist, 'init', lambda: None)
+    monkeypatch.setattr(torch.multiprocessing, 'set_start_method', lambda *args, **kwargs: None)
+    monkeypatch.setattr(calculate_metrics, '_detector_cache', {})
+
+
+def invoke(*args):
+    return CliRunner().invoke(calculate_metrics.cmdline, [str(arg) for arg in args])
+
+
+def test_calc_refuses_unreadable_reference_statistics(tmp_path, detectors, in_process):
+    _models, paths = detectors
+    images = write_pngs(tmp_path / 'images', 3, seed=10)
+    refs = tmp_path / 'refs'
+    refs.mkdir()
+    good = dict(mu=np.zeros(5), sigma=np.eye(5))
+    pickles = {'list.pkl': [1, 2], 'no_metrics.pkl': {'num_images': 3}, 'no_sigma.pkl': {'fid': dict(mu=np.zeros(5))},
+               'nan.pkl': {'fid': dict(mu=np.full(5, np.nan), sigma=np.eye(5))}, 'shapes.pkl': {'fid': dict(mu=np.zeros(5), sigma=np.eye(4))},
+               'words.pkl': {'fid': dict(mu='zero', sigma=np.eye(5))}}
+    for name, obj in pickles.items():
+        (refs / name).write_bytes(pickle.dumps(obj))
+    (refs / 'empty.pkl').write_bytes(b'')
+    (refs / 'random.pkl').write_bytes(np.random.default_rng(1).bytes(3000))
+    (refs / 'half.pkl').write_bytes(pickle.dumps({'fid': good})[:200])
+    (refs / 'empty.npz').write_bytes(b'')
+    (refs / 'random.npz').write_bytes(np.random.default_rng(2).bytes(3000))
+    np.savez(refs / 'other.npz', mean=np.zeros(5), cov=np.eye(5))
+    (refs / 'zip.pkl').write_bytes((refs / 'other.npz').read_bytes())  # the unpickler's message on a ZIP has a line break
+    np.save(refs / 'single.npy', np.zeros(5))
+    os.rename(refs / 'single.npy', refs / 'single.npz')
+    (refs / 'folder.pkl').mkdir()
+    cases = {'missing.pkl': 'does not exist', 'folder.pkl': 'is a directory', 'empty.pkl': 'empty or truncated',
+             'random.pkl': 'not a readable pickle', 'zip.pkl': 'not a readable pickle', 'half.pkl': 'truncated', 'list.pkl': 'not a statistics file; expected a dict',
+             'no_metrics.pkl': 'holds no statistics of fd_dinov2 or fid', 'no_sigma.pkl': 'the fid entry is not a dict with "mu" and "sigma"',
+             'nan.pkl': 'NaN or inf', 'shapes.pkl': 'expected [D] and [D, D]', 'words.pkl': 'not numeric arrays',
+             'empty.npz': 'empty or truncated', 'random.npz': 'not a readable .npz file', 'other.npz': 'has no mu and sigma array',
+             'single.npz': 'not an .npz archive'}
+    before = sorted(os.listdir(tmp_path))
+    for name, why in cases.items():
+        result = invoke('calc', f'--images={images}', f'--ref={refs / name}', '--metrics=fid', '--num=3', '--workers=0',
+                        f'--detector=fid={paths["fid"]}')
+        assert_user_error(result, f'--ref: {refs / name}', why)
+    # Statistics of another detector: the feature dimensions differ.
+    np.savez(refs / 'three.npz', mu=np.zeros(3), sigma=np.eye(3))
+    result = invoke('calc', f'--images={images}', f'--ref={refs / "three.npz"}', '--metrics=fid', '--num=3', '--workers=0',
+                    f'--detector=fid={paths["fid"]}')
+    assert_user_error(result, 'fid: the features have 5 dimensions but the reference statistics 3')
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_unreadable_image_sets_are_one_line_and_write_no_statistics(tmp_path, detectors, in_process):
+    _models, paths = detectors
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(5), sigma=np.eye(5))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    late = write_pngs(tmp_path / 'late', 4, seed=11)
+    (tmp_path / 'late' / 'img999.png').write_bytes(b'\x89PNG\r\n\x1a\n and then nothing of an image')
+    early = write_pngs(tmp_path / 'early', 3, seed=12)
+    (tmp_path / 'early' / 'img000.png').write_bytes(b'')
+    cases = [(tmp_path / 'missing', [str(tmp_path / 'missing')]), (empty, [str(empty)]),
+             (late, ['img999.png', late]), (early, ['img000.png', early])]
+    detector = f'--detector=fid={paths["fid"]}'
+    for folder, fragments in cases:
+        result = invoke('calc', f'--images={folder}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--batch=2',
+                        f'--num={5 if folder == late else 3}', '--workers=0', detector)  # all of a folder's images
+        assert_user_error(result, *map(str, fragments))
+        dest = tmp_path / 'refs' / 'ref.pkl'
+        result = invoke('ref', f'--data={folder}', f'--dest={dest}', '--metrics=fid', '--batch=2', '--workers=0', detector)
+        assert_user_error(result, *map(str, fragments))
+        assert not (tmp_path / 'refs').exists()
+    result = invoke('calc', f'--images={late}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=9', '--workers=0', detector)
+    assert_user_error(result, '5 images, fewer than the 9')
+
+
+def test_corrupt_image_read_by_a_worker_is_one_line(tmp_path, detectors, repo_root, subprocess_env):
+    _models, paths = detectors
+    folder = write_pngs(tmp_path / 'images', 4, seed=13)
+    (tmp_path / 'images' / 'img999.png').write_bytes(os.urandom(500))
+    dest = tmp_path / 'refs' / 'ref.pkl'
+    proc = run_cli(['ref', f'--data={folder}', f'--dest={dest}', '--metrics=fid', '--batch=2', '--workers=1',
+                    f'--detector=fid={paths["fid"]}'], subprocess_env, repo_root, check=False)
+    assert proc.returncode == 1 and 'img999.png' in error_line(proc.stderr)
+    assert not (tmp_path / 'refs').exists()
+
+
+def test_unloadable_detector_files_are_one_line(tmp_path, in_process):
+    images = write_pngs(tmp_path / 'images', 3, seed=14)
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(5), sigma=np.eye(5))
+    (tmp_path / 'empty.pkl').write_bytes(b'')
+    (tmp_path / 'random.pkl').write_bytes(np.random.default_rng(3).bytes(2000))
+    (tmp_path / 'list.pkl').write_bytes(pickle.dumps([1, 2]))
+    cases = {'missing.pkl': 'Could not load the fid detector', 'empty.pkl': 'empty or truncated',
+             'random.pkl': 'not a readable pickle', 'list.pkl': 'holds a list, not a torch module',
+             'ref.npz': 'not a readable pickle'}  # a ZIP: the unpickler's message has a line break
+    before = sorted(os.listdir(tmp_path))
+    for name, why in cases.items():
+        result = invoke('calc', f'--images={images}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=3', '--workers=0',
+                        f'--detector=fid={tmp_path / name}')
+        assert_user_error(result, str(tmp_path / name), why)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_gen_refuses_bad_network_pickles(tmp_path, detectors, in_process):
+    _models, paths = detectors
+    np.savez(tmp_path / 'ref.npz', mu=np.zeros(5), sigma=np.eye(5))
+    (tmp_path / 'empty.pkl').write_bytes(b'')
+    (tmp_path / 'random.pkl').write_bytes(np.random.default_rng(4).bytes(2000))
+    (tmp_path / 'list.pkl').write_bytes(pickle.dumps([1, 2]))
+    cases = {'missing.pkl': 'does not exist', 'empty.pkl': 'empty or truncated', 'random.pkl': 'not a readable pickle',
+             'list.pkl': 'not a network pickle'}
+    before = sorted(os.listdir(tmp_path))
+    for name, why in cases.items():
+        result = invoke('gen', f'--net={tmp_path / name}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=2',
+                        f'--detector=fid={paths["fid"]}')
+        assert_user_error(result, f'--net: {tmp_path / name}', why)
+    assert sorted(os.listdir(tmp_path)) == before

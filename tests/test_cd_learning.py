@@ -106,7 +106,7 @@ def distil(student, loss_fn, steps, batch_size, lr, generator):
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     history = []
     for step in range(steps):
-        loss_fn.set_global_kimg(step * batch_size / 1000)
+        loss_fn.set_progress(step * batch_size)
         loss = loss_fn(student, sample_mixture(batch_size, generator)).mean()
         opt.zero_grad()
         loss.backward()

@@ -14,7 +14,7 @@ import torch
 
 import dnnlib
 from torch_utils import misc
-from training import consistency_ops, distill
+from training import consistency_ops, pretrained
 from training.encoders import StandardRGBEncoder
 from training.loss_cd import EDMConsistencyDistillLoss
 from training.networks_edm2 import Precond
@@ -122,7 +122,7 @@ def test_resume_refuses_changed_cd_settings(workdir):
     root, _ = workdir
     train(workdir, root / 'changed', '--duration=1024')
     result = train(workdir, root / 'changed', '--duration=2048', '--S=2', check=False)
-    assert result.returncode != 0 and 'S: checkpoint 4, now 2' in result.stdout + result.stderr
+    assert result.returncode != 0 and 'loss_kwargs.S: run 4, now 2' in result.stdout + result.stderr
 
 
 @pytest.mark.slow
@@ -131,13 +131,14 @@ def test_mismatched_teacher_is_refused(workdir):
     make_teacher(root / 'teacher8.pkl', resolution=8)
     result = train(workdir, root / 'bad', '--duration=1024', teacher=root / 'teacher8.pkl', check=False)
     assert result.returncode != 0 and 'resolution: teacher 8, data 16' in result.stdout + result.stderr
+    assert not (root / 'bad').exists()  # refused before the run directory is made
 
 
 def test_check_teacher_reports_each_mismatch():
     teacher = Precond(16, 3, label_dim=10, **TINY_ARCH)
-    distill.check_teacher(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 3, 16, 16), 10)
-    with pytest.raises(distill.TeacherError) as err:
-        distill.check_teacher(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 4, 8, 8), 0)
+    pretrained.check_against_data(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 3, 16, 16), 10)
+    with pytest.raises(pretrained.PretrainedError) as err:
+        pretrained.check_against_data(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 4, 8, 8), 0)
     for fragment in ['resolution: teacher 16, data 8', 'channels: teacher 3', 'label dimension: teacher 10, data 0']:
         assert fragment in str(err.value)
 
@@ -149,14 +150,14 @@ def test_student_seeding_is_exact_or_refused():
         for p in teacher.parameters():
             p.normal_()
     student = Precond(16, 3, label_dim=10, **TINY_ARCH)
-    distill.seed_student_from_teacher(student, teacher)
+    pretrained.copy_weights(student, teacher)
     for (name, a), (_, b) in zip(misc.named_params_and_buffers(teacher), misc.named_params_and_buffers(student)):
         assert torch.equal(a, b), name
 
     other = Precond(16, 3, label_dim=10, **dict(TINY_ARCH, model_channels=24))
     before = [t.clone() for t in other.parameters()]
-    with pytest.raises(distill.TeacherError, match='shape mismatches'):
-        distill.seed_student_from_teacher(other, teacher)
+    with pytest.raises(pretrained.PretrainedError, match='shape mismatches'):
+        pretrained.copy_weights(other, teacher)
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))
 
 
@@ -166,7 +167,7 @@ def test_dry_run_prints_cd_configuration(workdir):
     config = json.loads(result.stdout.split('Training config:')[1].split('\n\n')[0])
     assert config['loss_kwargs']['class_name'] == 'training.loss_cd.EDMConsistencyDistillLoss'
     assert (config['loss_kwargs']['S'], config['loss_kwargs']['T_start'], config['loss_kwargs']['T_end']) == (2, 4, 8)
-    assert config['network_kwargs']['model_channels'] == 16 and config['teacher_pkl'].endswith('teacher.pkl')
+    assert config['network_kwargs']['model_channels'] == 16 and config['loss_kwargs']['teacher_pkl'].endswith('teacher.pkl')
     assert not (root / 'dry').exists()
 
 

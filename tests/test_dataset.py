@@ -8,7 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from training.dataset import ImageFolderDataset
+from training.dataset import DatasetError, ImageFolderDataset, SampleFolder
 
 #----------------------------------------------------------------------------
 # Datasets written directly with PIL/numpy, independent of dataset_tool.py.
@@ -182,42 +182,46 @@ def test_pickle_drops_zip_handle(tmp_path):
 #----------------------------------------------------------------------------
 # Bad inputs.
 
+def test_errors_are_user_errors():
+    import dnnlib
+    assert issubclass(DatasetError, dnnlib.UserError) and issubclass(DatasetError, ValueError)
+
 def test_missing_path(tmp_path):
     missing = str(tmp_path / 'nowhere.zip')
-    with pytest.raises(FileNotFoundError, match='nowhere.zip'):
+    with pytest.raises(DatasetError, match='nowhere.zip does not exist'):
         ImageFolderDataset(missing)
 
 def test_path_that_is_not_a_dataset(tmp_path):
     path = tmp_path / 'data.txt'
     path.write_text('hello')
-    with pytest.raises(ValueError, match='data.txt'):
+    with pytest.raises(DatasetError, match='data.txt'):
         ImageFolderDataset(str(path))
     broken_zip = tmp_path / 'broken.zip'
     broken_zip.write_bytes(b'not a zip archive')
-    with pytest.raises(ValueError, match='broken.zip'):
+    with pytest.raises(DatasetError, match='broken.zip'):
         ImageFolderDataset(str(broken_zip))
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(ValueError, match='no PNG/NPY'):
+    with pytest.raises(DatasetError, match='no PNG/NPY'):
         ImageFolderDataset(str(tmp_path / 'empty'))
 
 def test_dataset_json_names_a_missing_file(tmp_path):
     files, labels = image_set(random_images(3), [0, 1, 2])
     labels.append(['00005/img00000099.png', 1])
     path = write_dataset(tmp_path / 'd', files, labels, as_zip=True)
-    with pytest.raises(ValueError, match='img00000099.png'):
+    with pytest.raises(DatasetError, match='img00000099.png'):
         ImageFolderDataset(path, use_labels=True)
     assert len(ImageFolderDataset(path, use_labels=False)) == 3
 
 def test_image_without_label(tmp_path):
     files, labels = image_set(random_images(3), [0, 1, 2])
     del labels[1]
-    with pytest.raises(ValueError, match='img00000001.png'):
+    with pytest.raises(DatasetError, match='img00000001.png'):
         ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels), use_labels=True)
 
 def test_malformed_dataset_json(tmp_path):
     files, _ = image_set(random_images(2))
     files['dataset.json'] = b'{"labels": [1, 2'
-    with pytest.raises(ValueError, match='dataset.json'):
+    with pytest.raises(DatasetError, match='dataset.json'):
         ImageFolderDataset(write_dataset(tmp_path / 'd', files), use_labels=True)
 
 @pytest.mark.parametrize('as_zip', [False, True])
@@ -227,22 +231,116 @@ def test_corrupt_png_is_named(tmp_path, as_zip):
     files[bad_name] = files[bad_name][:40] # truncated PNG
     ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files, as_zip=as_zip))
     ds[1]
-    with pytest.raises(ValueError, match=bad_name):
+    with pytest.raises(DatasetError, match=bad_name):
         ds[2]
     files[sorted(files)[0]] = b'garbage'
-    with pytest.raises(ValueError, match=sorted(files)[0]):
+    with pytest.raises(DatasetError, match=sorted(files)[0]):
         ImageFolderDataset(write_dataset(tmp_path / 'e', files, as_zip=as_zip))
+
+@pytest.mark.parametrize('as_zip', [False, True])
+@pytest.mark.parametrize('damage, error', [
+    (lambda data: data[:len(data) // 2], 'truncated'), # header intact, pixel data cut off: PIL's truncated-image error
+    (lambda data: np.random.RandomState(5).bytes(len(data)), 'not an image file'), # random bytes named .png
+])
+def test_damaged_png_read_gives_dataset_error(tmp_path, as_zip, damage, error):
+    files, _ = image_set(random_images(3, size=16))
+    bad_name = sorted(files)[1]
+    files[bad_name] = damage(files[bad_name])
+    path = write_dataset(tmp_path / 'd', files, as_zip=as_zip)
+    ds = ImageFolderDataset(path)
+    ds[0], ds[2]
+    with pytest.raises(DatasetError, match=f'{bad_name} in dataset {path}: .*{error}'):
+        ds[1]
+
+def npy_bytes(array):
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+@pytest.mark.parametrize('bad', [b'random bytes, not numpy', npy_bytes(np.zeros(4, np.float32)), npy_bytes(np.array(['ab', 'cd'])),
+                                 npy_bytes(np.zeros([8, 4, 4], np.float32))[:-10]])
+def test_bad_npy_gives_dataset_error(tmp_path, bad):
+    files = {f'00000/img-mean-std-{idx:08d}.npy': npy_bytes(np.zeros([8, 4, 4], np.float32)) for idx in range(3)}
+    files['00000/img-mean-std-00000001.npy'] = bad
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'latents', files, as_zip=True))
+    ds[0]
+    with pytest.raises(DatasetError, match='img-mean-std-00000001.npy'):
+        ds[1]
 
 def test_mixed_resolutions_are_named(tmp_path):
     files, _ = image_set(random_images(3))
     files['00000/img00000001.png'] = png_bytes(random_images(1, size=16)[0])
     ds = ImageFolderDataset(write_dataset(tmp_path / 'd', files))
-    with pytest.raises(ValueError, match='img00000001.png'):
+    with pytest.raises(DatasetError, match='img00000001.png'):
         ds[1]
+
+#----------------------------------------------------------------------------
+# Label values in dataset.json.
+
+def labelled_set(tmp_path, values, as_zip=False):
+    files, _ = image_set(random_images(len(values)))
+    names = sorted(files)
+    path = write_dataset(tmp_path / 'd', files, [[name, value] for name, value in zip(names, values)], as_zip=as_zip)
+    return path, names
+
+@pytest.mark.parametrize('bad, why', [
+    (-1, 'negative'), (5.5, 'not an integer'), ('a', 'is a string'), (True, 'is true'), (None, 'is null'),
+    ([1, 2, 3], 'with 3 values, but .*img00000000.png has 2'), ([float('nan'), 1.0], 'not a finite float32'),
+    ([1e300, 0.0], 'not a finite float32'), ([[1], [2]], 'not a flat list'), ({'x': 1}, 'is a JSON object'),
+])
+@pytest.mark.parametrize('as_zip', [False, True])
+def test_bad_label_names_dataset_and_file(tmp_path, bad, why, as_zip):
+    vectors = isinstance(bad, list) and bad != [[1], [2]]
+    good = [0.5, 1.0] if vectors else 1
+    path, names = labelled_set(tmp_path, [good, good, bad, good], as_zip=as_zip)
+    with pytest.raises(DatasetError, match=f'{path}: {names[2]} has .*{why}') as info:
+        ImageFolderDataset(path, use_labels=True)
+    assert 'label problems in all' not in str(info.value) # only one bad label
+    assert len(ImageFolderDataset(path, use_labels=False)) == 4 # labels are not read when not used
+
+def test_negative_label_no_longer_wraps_to_the_last_class(tmp_path):
+    path, names = labelled_set(tmp_path, [0, 1, 2, -1])
+    with pytest.raises(DatasetError, match=names[3]):
+        ImageFolderDataset(path)
+
+def test_first_bad_label_and_count(tmp_path):
+    path, names = labelled_set(tmp_path, [0, -3, 2, 'x', 1.5])
+    with pytest.raises(DatasetError, match=f'{names[1]} has the label -3, .*3 label problems in all'):
+        ImageFolderDataset(path)
+    labels, problems = SampleFolder(path).read_labels()
+    assert labels is None and [name for name, _why in problems] == [names[1], names[3], names[4]]
+
+def test_class_and_vector_labels_do_not_mix(tmp_path):
+    path, names = labelled_set(tmp_path, [[0.5, 1.0], 2, [0.0, 0.0]])
+    with pytest.raises(DatasetError, match=f'{names[1]} has the label 2, which is a class index, but .*{names[0]} has a vector'):
+        ImageFolderDataset(path)
+
+def test_integral_float_class_and_large_vectors_are_accepted(tmp_path):
+    ds = ImageFolderDataset(labelled_set(tmp_path, [0, 3.0, 1])[0])
+    assert ds.has_onehot_labels and ds.label_dim == 4 and ds[1][1].tolist() == [0, 0, 0, 1]
+    vectors = [[1e30, -2, 0], [0.25, 0, 1], [3, 4, 5]]
+    ds = ImageFolderDataset(labelled_set(tmp_path / 'v', vectors)[0])
+    assert ds.label_shape == [3] and ds[0][1].dtype == np.float32
+    np.testing.assert_array_equal(ds[0][1], np.float32(vectors[0]))
+
+def test_duplicate_and_malformed_entries(tmp_path):
+    files, labels = image_set(random_images(3), [0, 1, 2])
+    labels.append([labels[1][0], 2])
+    with pytest.raises(DatasetError, match=f'{labels[1][0]} is listed more than once'):
+        ImageFolderDataset(write_dataset(tmp_path / 'd', files, labels))
+    for bad in [{'00000/img00000000.png': 0}, [['00000/img00000000.png', 0, 1]], [[3, 0]], 'labels']:
+        with open(os.path.join(tmp_path / 'd', 'dataset.json'), 'w') as f:
+            json.dump({'labels': bad}, f)
+        with pytest.raises(DatasetError, match='dataset.json'):
+            ImageFolderDataset(str(tmp_path / 'd'))
+    with open(os.path.join(tmp_path / 'd', 'dataset.json'), 'w') as f:
+        json.dump([['00000/img00000000.png', 0]], f) # the list without the {"labels": ...} around it
+    with pytest.raises(DatasetError, match='dataset.json'):
+        ImageFolderDataset(str(tmp_path / 'd'))
 
 def test_resolution_mismatch(tmp_path):
     files, _ = image_set(random_images(2))
-    with pytest.raises(ValueError, match='resolution=16'):
+    with pytest.raises(DatasetError, match='resolution=16'):
         ImageFolderDataset(write_dataset(tmp_path / 'd', files), resolution=16)
 
 #----------------------------------------------------------------------------

@@ -170,6 +170,31 @@ def test_corrupt_image_is_named(tmp_path):
     result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={tmp_path / "d.zip"}')
     assert result.exit_code != 0 and 'bad.png' in result.output
 
+def test_failed_convert_leaves_no_zip(tmp_path):
+    for name in ['a.png', 'c.png', 'd.png']:
+        save_png(str(tmp_path / 'src' / name), random_rgb(1)[0])
+    (tmp_path / 'src' / 'b.png').write_bytes(b'\x89PNG not really') # unreadable, second of four
+    dest = tmp_path / 'out' / 'set.zip'
+    result = run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}')
+    assert_clean_error(result, 'b.png')
+    assert os.listdir(tmp_path / 'out') == [] # neither set.zip nor a temporary file
+
+    # A ZIP from an earlier run stays as it was.
+    os.remove(tmp_path / 'src' / 'b.png')
+    assert run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}').exit_code == 0
+    before = dest.read_bytes()
+    (tmp_path / 'src' / 'b.png').write_bytes(b'\x89PNG not really')
+    assert_clean_error(run_in_process('convert', f'--source={tmp_path / "src"}', f'--dest={dest}'), 'b.png')
+    assert dest.read_bytes() == before and os.listdir(tmp_path / 'out') == ['set.zip']
+
+def test_folder_dest_has_no_temporary_files(tmp_path):
+    dest = tmp_path / 'out'
+    assert run_in_process('convert', '--source=sklearn-digits', f'--dest={dest}', '--max-images=3').exit_code == 0
+    written = sorted(os.path.relpath(os.path.join(root, name), dest) for root, _dirs, names in os.walk(dest) for name in names)
+    assert written == ['00000/img00000000.png', '00000/img00000001.png', '00000/img00000002.png', 'dataset.json']
+    (tmp_path / 'dir.zip').mkdir()
+    assert_clean_error(run_in_process('convert', '--source=sklearn-digits', f'--dest={tmp_path / "dir.zip"}'), 'is a directory')
+
 def test_mixed_sizes_are_named(tmp_path):
     save_png(str(tmp_path / 'src' / 'a.png'), random_rgb(1)[0])
     save_png(str(tmp_path / 'src' / 'b.png'), random_rgb(1, width=16, height=16)[0])
@@ -270,3 +295,71 @@ def test_decode_missing_vae(tmp_path):
     assert_clean_error(result, 'no_vae does not exist')
 
 #----------------------------------------------------------------------------
+
+#----------------------------------------------------------------------------
+# check.
+
+def check_report(result):
+    """The lines of a check run without its progress bar."""
+    return [line for line in result.output.splitlines() if line.strip() and not line.startswith('check:')]
+
+def test_check_good_dataset(tmp_path):
+    dest = str(tmp_path / 'digits.zip')
+    assert run_in_process('convert', '--source=sklearn-digits', f'--dest={dest}', '--resolution=16x16', '--max-images=30').exit_code == 0
+    result = run_in_process('check', f'--source={dest}', '--workers=1')
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f'{dest}: OK, 30 samples of shape [3, 16, 16] uint8, class labels (label_dim 10)\n'
+
+def test_check_latents_without_labels(tmp_path):
+    source = write_latent_zip(tmp_path / 'latents.zip', [8, 3, 3]) # latents need no power-of-two side
+    result = run_in_process('check', f'--source={source}', '--workers=1')
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f'{source}: OK, 1 samples of shape [8, 3, 3] float32, no labels (label_dim 0)'
+
+def bad_dataset(root):
+    """Eight 8x8 images, of which one is corrupt, one is 16x16 and one has the label -1."""
+    names = [f'00000/img{idx:08d}.png' for idx in range(8)]
+    for name, image in zip(names, random_rgb(8)):
+        save_png(str(root / name), image)
+    (root / names[2]).write_bytes((root / names[2]).read_bytes()[:60]) # truncated
+    save_png(str(root / names[4]), random_rgb(1, width=16, height=16)[0])
+    labels = [[name, idx % 3] for idx, name in enumerate(names)]
+    labels[6][1] = -1
+    (root / 'dataset.json').write_text(json.dumps({'labels': labels}))
+    return str(root), names
+
+def test_check_names_every_bad_file(tmp_path, repo_root, subprocess_env):
+    source, names = bad_dataset(tmp_path / 'bad')
+    result = run_in_process('check', f'--source={source}', '--workers=1')
+    assert result.exit_code == 1, result.output
+    report = check_report(result)
+    assert report[0] == f'{source}: 3 problems in 8 samples:'
+    assert report[1].startswith(f'  {names[2]} cannot be read (OSError: image file is truncated')
+    assert report[2] == f'  {names[4]} has shape [3, 16, 16] uint8, but 6 of the 8 samples have [3, 8, 8] uint8; all samples must have one shape'
+    assert report[3] == f'  {names[6]} has the label -1, which is negative; class labels are integers >= 0'
+    assert len(report) == 4
+
+    # Two worker processes, through the script as users run it, find the same.
+    run = run_tool(repo_root, subprocess_env, 'check', f'--source={source}', '--workers=2')
+    assert run.returncode == 1, run.stderr
+    assert run.stdout == '' and [line for line in run.stderr.splitlines() if line.startswith(('  ', source))] == report
+
+def test_check_lists_at_most_20_problems(tmp_path):
+    names = [f'{idx}.png' for idx in range(23)]
+    for name in names:
+        save_png(str(tmp_path / 'src' / name), random_rgb(1, width=6, height=6)[0]) # not a power of two
+    (tmp_path / 'src' / 'dataset.json').write_text(json.dumps({'labels': [[name, 'cat'] for name in names]}))
+    result = run_in_process('check', f'--source={tmp_path / "src"}', '--workers=1')
+    assert result.exit_code == 1
+    report = check_report(result)
+    assert report[0].endswith(': 24 problems in 23 samples:') and len(report) == 22
+    assert report[1] == '  0.png has the label "cat", which is a string, not a class index (an integer >= 0) or a list of numbers'
+    assert '  0.png is 6x6 (the size of 23 of the 23 samples); images must have a power-of-two side' in report
+    assert report[-1] == '  ... and 4 more'
+
+def test_check_unusable_source_or_dataset_json(tmp_path):
+    assert_clean_error(run_in_process('check', f'--source={tmp_path / "none.zip"}'), 'none.zip does not exist')
+    save_png(str(tmp_path / 'src' / 'a.png'), random_rgb(1)[0])
+    (tmp_path / 'src' / 'dataset.json').write_text('{"labels": [["a.png", 0]')
+    result = run_in_process('check', f'--source={tmp_path / "src"}', '--workers=1')
+    assert result.exit_code == 1 and check_report(result)[1].startswith('  dataset.json cannot be used:')

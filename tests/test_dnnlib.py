@@ -8,8 +8,12 @@ import io
 import os
 import pickle
 import socket
+import stat
 import sys
+import tempfile
 import threading
+import time
+import types
 
 import numpy as np
 import pytest
@@ -146,6 +150,92 @@ def test_cache_dir_resolution(tmp_path, monkeypatch):
     assert dnnlib.make_cache_dir_path() == os.path.join(str(tmp_path / 'home'), '.cache', 'dnnlib')
 
 
+posix_only = pytest.mark.skipif(os.name != 'posix', reason='POSIX ownership and permission bits')
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+@posix_only
+def test_cache_folders_are_created_private(tmp_path, monkeypatch):
+    root = tmp_path / 'cache' / 'dnnlib'
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(root))
+    assert dnnlib.make_cache_dir_path('torch_hub') == str(root / 'torch_hub')
+    assert _mode(root) == 0o700 and not (root / 'torch_hub').exists()
+    monkeypatch.delenv('DNNLIB_CACHE_DIR')
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    (tmp_path / 'home').mkdir()
+    assert dnnlib.make_cache_dir_path('downloads') == str(tmp_path / 'home' / '.cache' / 'dnnlib' / 'downloads')
+    assert _mode(tmp_path / 'home' / '.cache' / 'dnnlib') == 0o700
+
+
+@posix_only
+@pytest.mark.parametrize('mode, who', [(0o770, 'its group'), (0o707, 'all users'), (0o777, 'its group and all users')])
+def test_shared_cache_folder_is_refused(tmp_path, monkeypatch, mode, who):
+    root = tmp_path / 'shared'
+    root.mkdir()
+    root.chmod(mode)
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(root))
+    with pytest.raises(dnnlib.UserError) as info:
+        dnnlib.make_cache_dir_path('downloads')
+    message = str(info.value)
+    assert '\n' not in message and f'cache folder {root}:' in message and who in message
+    assert f'chmod 700 {root}' in message
+    root.chmod(0o700)
+    assert dnnlib.make_cache_dir_path('downloads') == str(root / 'downloads')
+
+
+@posix_only
+def test_shared_subfolder_and_explicit_cache_dir_are_refused(server, tmp_path, monkeypatch):
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(tmp_path / 'root'))
+    downloads = tmp_path / 'root' / 'downloads'
+    downloads.mkdir(parents=True)
+    downloads.chmod(0o777)
+    with pytest.raises(dnnlib.UserError, match=f'cache folder {downloads}:'):
+        util.open_url(server.base + '/weights.pkl', verbose=False)
+    shared = tmp_path / 'explicit'
+    shared.mkdir()
+    shared.chmod(0o775)
+    with pytest.raises(dnnlib.UserError, match=f'chmod 700 {shared}'):
+        util.open_url(server.base + '/weights.pkl', cache_dir=str(shared), verbose=False)
+    assert server.hits['/weights.pkl'] == 0
+
+
+@posix_only
+@pytest.mark.skipif(os.name == 'posix' and os.geteuid() != 0, reason='giving a folder away needs root')
+def test_cache_folder_of_another_user_is_refused(tmp_path, monkeypatch):
+    root = tmp_path / 'theirs'
+    root.mkdir(mode=0o700)
+    os.chown(root, 12345, -1)
+    monkeypatch.setenv('DNNLIB_CACHE_DIR', str(root))
+    with pytest.raises(dnnlib.UserError, match=f'cache folder {root}: it belongs to user id 12345'):
+        dnnlib.make_cache_dir_path()
+
+
+@posix_only
+def test_cache_without_home_is_per_user_or_an_error(tmp_path, monkeypatch):
+    import pwd
+    for var in ['DNNLIB_CACHE_DIR', 'HOME', 'USERPROFILE']:
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / 'from_passwd'
+    home.mkdir()
+    monkeypatch.setattr(pwd, 'getpwuid', lambda uid: types.SimpleNamespace(pw_dir=str(home)))
+    assert dnnlib.make_cache_dir_path('downloads') == str(home / '.cache' / 'dnnlib' / 'downloads')
+    assert _mode(home / '.cache' / 'dnnlib') == 0o700
+
+    def no_entry(uid):
+        raise KeyError(uid)
+    monkeypatch.setattr(pwd, 'getpwuid', no_entry)
+    entries_before = set(os.listdir(tempfile.gettempdir()))
+    with pytest.raises(dnnlib.UserError, match='Set DNNLIB_CACHE_DIR'):
+        dnnlib.make_cache_dir_path('downloads')
+    monkeypatch.setattr(pwd, 'getpwuid', lambda uid: types.SimpleNamespace(pw_dir='/nonexistent/home'))
+    with pytest.raises(dnnlib.UserError, match='HOME and USERPROFILE are unset'):
+        dnnlib.make_cache_dir_path()
+    assert '.cache' not in set(os.listdir(tempfile.gettempdir())) - entries_before
+
+
 def test_is_url():
     assert util.is_url('https://example.com/file.pkl')
     assert util.is_url('http://127.0.0.1:8000/x')
@@ -177,19 +267,20 @@ class _Server:
 
     def __init__(self, routes):
         self.hits = collections.Counter()
+        self.routes = routes
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.hits[self.path] += 1
-                body, headers = routes.get(self.path, (None, {}))
+                body, headers = server.routes.get(self.path, (None, {}))
                 if body is None:
                     self.send_error(404)
                     return
                 self.send_response(200)
+                headers = {'Content-Length': str(len(body)), **headers} # a route may announce more than it sends
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header('Content-Length', str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -212,6 +303,7 @@ def server():
         '/weights.pkl': (b'network bytes', {}),
         '/download?id=7': (b'named content', {'Content-Disposition': 'attachment; filename="model v2.pkl"'}),
         '/empty': (b'', {}),
+        '/cut': (b'first half', {'Content-Length': '20'}),
     })
     yield srv
     srv.close()
@@ -277,3 +369,52 @@ def test_open_url_failures_name_url_and_cache_path(server, tmp_path, capsys):
     with pytest.raises(IOError, match='404'):
         util.open_url(server.base + '/missing', cache_dir=str(tmp_path), num_attempts=1, verbose=False)
     assert os.listdir(tmp_path) == []
+
+
+def _md5(url):
+    return hashlib.md5(url.encode('utf-8')).hexdigest()
+
+
+def test_interrupted_download_leaves_nothing_to_reuse(server, tmp_path, capsys):
+    url = server.base + '/cut' # the server sends 10 of the 20 bytes it announces, then closes
+    with pytest.raises(IOError, match=f'Could not download {url} after 2 attempt'):
+        util.open_url(url, cache_dir=str(tmp_path), num_attempts=2, verbose=False)
+    assert server.hits['/cut'] == 2 and os.listdir(tmp_path) == []
+    server.routes['/cut'] = (b'the whole body', {})
+    with util.open_url(url, cache_dir=str(tmp_path), verbose=False) as f:
+        assert f.read() == b'the whole body'
+    assert server.hits['/cut'] == 3 and os.listdir(tmp_path) == [_md5(url) + '_' + util._safe_file_name(url)]
+
+
+def test_empty_cached_file_is_downloaded_again(server, tmp_path):
+    url = server.base + '/weights.pkl'
+    cached = tmp_path / (_md5(url) + '_' + util._safe_file_name(url))
+    cached.write_bytes(b'')
+    assert util.open_url(url, cache_dir=str(tmp_path), return_filename=True, verbose=False) == str(cached)
+    assert cached.read_bytes() == b'network bytes' and server.hits['/weights.pkl'] == 1
+    empty_elsewhere = tmp_path / (_md5(url) + '_other_name.pkl')
+    empty_elsewhere.write_bytes(b'')
+    with util.open_url(url, cache_dir=str(tmp_path), verbose=False) as f: # the empty one neither hits nor blocks the hit
+        assert f.read() == b'network bytes'
+    assert server.hits['/weights.pkl'] == 1 and not empty_elsewhere.exists()
+
+
+def test_temp_files_of_killed_downloads_are_never_hits(server, tmp_path):
+    url = server.base + '/weights.pkl'
+    md5, name = _md5(url), util._safe_file_name(url)
+    ours = [tmp_path / f'.{md5}_{name}.{i}abc.tmp' for i in range(2)] # as write_file_atomically names them
+    edm2s = [tmp_path / f'tmp_{i}abc_{md5}_{name}' for i in range(2)] # as EDM2 names them
+    other_url = tmp_path / f'tmp_0abc_{"0" * 32}_x'
+    for path in ours + edm2s + [other_url]:
+        path.write_bytes(b'partial')
+    day_ago = time.time() - 25 * 3600
+    for path in [ours[0], edm2s[0], other_url]:
+        os.utime(path, (day_ago, day_ago))
+    with util.open_url(url, cache_dir=str(tmp_path), verbose=False) as f:
+        assert f.read() == b'network bytes'
+    assert server.hits['/weights.pkl'] == 1
+    # Temp files of this URL older than a day are gone; younger ones may belong to a running download.
+    assert sorted(os.listdir(tmp_path)) == sorted([ours[1].name, edm2s[1].name, other_url.name, f'{md5}_{name}'])
+    with util.open_url(url, cache_dir=str(tmp_path), verbose=False) as f:
+        assert f.read() == b'network bytes'
+    assert server.hits['/weights.pkl'] == 1

@@ -447,3 +447,172 @@ def test_torchrun_splits_seeds_across_ranks(tmp_path, repo_root, subprocess_env)
     grid = read_png(tmp_path / 'grid.png')
     assert grid.shape == (3, 3 * 8, 3 * 8)
     assert np.array_equal(grid[:, 16:24, 0:8], expected[6])
+
+#----------------------------------------------------------------------------
+# Bad inputs and bad samples: one-line errors, and nothing written.
+
+def error_line(stderr):
+    """The one 'Error: ...' line a command printed for a user error, which must end its stderr."""
+    assert 'Traceback' not in stderr and 'Aborted' not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith('Error:')]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    return errors[0]
+
+
+def assert_user_error(result, *fragments, exit_code=1):
+    """A CliRunner result of a command that stopped with a one-line message holding every fragment."""
+    assert result.exit_code == exit_code and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    line = error_line(result.stderr)
+    assert all(fragment in line for fragment in fragments), (line, fragments)
+    return line
+
+
+@pytest.fixture
+def no_process_group(monkeypatch):
+    """Run a command in this process (CliRunner) without joining a process group; single-rank code needs none."""
+    from torch_utils import distributed as dist
+    monkeypatch.setattr(dist, 'init', lambda: None)
+
+
+def nan_weight_net():
+    net = tiny_precond()
+    with torch.no_grad():
+        dict(net.named_parameters())['unet.enc.8x8_conv.weight'].view(-1)[0] = float('nan')
+    return net
+
+
+@pytest.fixture(scope='module')
+def bad_network_files(tmp_path_factory):
+    """name -> (path, what the message must say) for network pickles that must be refused."""
+    root = tmp_path_factory.mktemp('bad_networks')
+    whole = pickle.dumps(network_pickle(tiny_precond()))
+    contents = {'empty.pkl': b'', 'half.pkl': whole[:len(whole) // 2], 'random.pkl': np.random.default_rng(0).bytes(4000),
+                'list.pkl': pickle.dumps([1, 2, 3]), 'nan.pkl': pickle.dumps(network_pickle(nan_weight_net()))}
+    for name, data in contents.items():
+        (root / name).write_bytes(data)
+    (root / 'folder.pkl').mkdir()
+    expected = {'empty.pkl': 'empty or truncated', 'half.pkl': 'truncated', 'random.pkl': 'not a readable pickle',
+                'list.pkl': 'not a network pickle', 'nan.pkl': 'non-finite', 'folder.pkl': 'directory',
+                'missing.pkl': 'does not exist'}
+    return {name: (str(root / name), why) for name, why in expected.items()}
+
+
+def test_cli_refuses_bad_network_pickles_before_creating_outdir(tmp_path, bad_network_files, no_process_group):
+    good = save_pickle(network_pickle(tiny_precond()), tmp_path / 'good.pkl')
+    outdir, grid = tmp_path / 'out', tmp_path / 'grids' / 'grid.png'
+    for name, (path, why) in bad_network_files.items():
+        common = [f'--outdir={outdir}', '--seeds=0-1', '--steps=1', f'--grid={grid}']
+        result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', *common])
+        assert_user_error(result, f'--net: {path}', why)
+        result = CliRunner().invoke(generate_images.cmdline, [f'--net={good}', f'--gnet={path}', '--guidance=2', *common])
+        assert_user_error(result, f'--gnet: {path}', why)
+    assert sorted(os.listdir(tmp_path)) == ['good.pkl']
+
+
+def test_cli_truncated_network_is_one_line_in_a_real_process(tmp_path, bad_network_files, repo_root, subprocess_env):
+    path, _why = bad_network_files['half.pkl']
+    proc = run_cli([f'--net={path}', f'--outdir={tmp_path}/out'], subprocess_env, repo_root, check=False)
+    assert proc.returncode == 1 and f'--net: {path}' in error_line(proc.stderr)
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_float_options_must_be_finite_and_in_range(tmp_path):
+    for option, value in [('sigma_min', 'nan'), ('sigma_min', '0'), ('sigma_max', 'inf'), ('sigma_max', '-1'), ('rho', 'nan'),
+                          ('guidance', 'nan'), ('guidance', 'inf'), ('S_churn', 'nan'), ('S_churn', '-1'), ('S_min', 'inf'),
+                          ('S_max', 'nan'), ('S_max', '-1'), ('S_noise', 'nan'), ('S_noise', '-inf')]:
+        result = CliRunner().invoke(generate_images.cmdline, ['--net=net.pkl', f'--outdir={tmp_path}/out', f'--{option}={value}'])
+        assert_user_error(result, f"'--{option}'", exit_code=2)
+    assert os.listdir(tmp_path) == []
+    # --S_max may be infinite (its default).
+    context = generate_images.cmdline.make_context('generate_images.py', ['--net=net.pkl', f'--outdir={tmp_path}', '--S_max=inf'])
+    assert context.params['S_max'] == float('inf')
+
+
+def test_cli_refuses_an_empty_noise_range(tmp_path, no_process_group):
+    path = save_pickle(network_pickle(tiny_precond()), tmp_path / 'net.pkl')
+    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--sigma_min=5', '--sigma_max=1'])
+    assert_user_error(result, 'sigma_min = 5.0 is above sigma_max = 1.0')
+    student = save_pickle(network_pickle(tiny_precond(), cd=dict(S=2, sigma_min=0.002, sigma_max=80.0, rho=7.0)), tmp_path / 'student.pkl')
+    result = CliRunner().invoke(generate_images.cmdline, [f'--net={student}', f'--outdir={tmp_path}/out', '--sigma_max=0.001'])
+    assert_user_error(result, 'sigma_min = 0.002 is above sigma_max = 0.001')
+    assert sorted(os.listdir(tmp_path)) == ['net.pkl', 'student.pkl']
+
+
+def nan_for_seeds(bad_seeds, shape=(3, 8, 8)):
+    """A sampler returning zeros, except NaN in the rows of `bad_seeds` (recognised by their first noise value)."""
+    firsts = torch.stack([torch.randn(list(shape), generator=torch.Generator().manual_seed(seed))[0, 0, 0] for seed in bad_seeds])
+
+    def sampler(net, noise, labels=None, randn_like=None):
+        out = torch.zeros_like(noise)
+        out[torch.isin(noise[:, 0, 0, 0], firsts)] = float('nan')
+        return out
+    return sampler
+
+
+def test_non_finite_samples_name_their_seeds_and_write_nothing_of_their_batch(tmp_path):
+    outdir = tmp_path / 'out'
+    batches = generate_images.generate_images(tiny_precond(), outdir=str(outdir), seeds=[4, 5, 6, 7], max_batch_size=2,
+                                              sampler_fn=nan_for_seeds([7]), verbose=False, device='cpu')
+    with pytest.raises(generate_images.GenerationError, match=r'NaN or inf for 1 of the 2 seeds of a batch \(seeds 7\); no image'):
+        list(batches)
+    assert sorted(os.listdir(outdir)) == ['000004.png', '000005.png']  # the batch before is complete, no temporary files
+    # The first five seeds and the count; without an outdir the batch is still refused.
+    with pytest.raises(generate_images.GenerationError, match=r'for 7 of the 8 seeds of a batch \(seeds 0, 1, 2, 3, 5, \.\.\.\)'):
+        list(generate_images.generate_images(tiny_precond(), seeds=range(8), sampler_fn=nan_for_seeds([0, 1, 2, 3, 5, 6, 7]),
+                                             verbose=False, device='cpu'))
+
+
+def test_nan_weights_loaded_on_purpose_give_no_images(tmp_path):
+    from torch_utils import persistence
+    path = save_pickle(network_pickle(nan_weight_net()), tmp_path / 'nan.pkl')
+    data = persistence.load_network_pickle(path, require_finite=False)
+    with pytest.raises(generate_images.GenerationError, match=r'NaN or inf for 3 of the 3 seeds of a batch \(seeds 10, 11, 12\)'):
+        list(generate_images.generate_images(data, outdir=str(tmp_path / 'out'), seeds=[10, 11, 12], num_steps=2,
+                                             verbose=False, device='cpu'))
+    assert os.listdir(tmp_path) == ['nan.pkl']
+
+
+class NaNNet(torch.nn.Module):
+    """Finite weights, NaN denoised images: passes every load-time check, fails the sample check."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones([]))
+        self.img_channels, self.img_resolution, self.label_dim = 3, 8, 0
+
+    def forward(self, x, sigma, class_labels=None):
+        return x * self.scale * float('nan')
+
+
+def test_cli_refuses_non_finite_samples(tmp_path, no_process_group):
+    path = save_pickle(network_pickle(NaNNet()), tmp_path / 'nan_out.pkl')
+    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=3-5', '--steps=2',
+                                                          f'--grid={tmp_path}/grid.png'])
+    assert_user_error(result, '3 of the 3 seeds', 'seeds 3, 4, 5', 'no image of this batch was written')
+    assert os.listdir(tmp_path) == ['nan_out.pkl']
+
+
+def test_pngs_and_grid_appear_atomically(tmp_path, monkeypatch, no_process_group):
+    path = save_pickle(network_pickle(tiny_precond()), tmp_path / 'net.pkl')
+    original_save = PIL.Image.Image.save
+
+    def save_then_fail(image, fp, *args, **kwargs):
+        if not isinstance(fp, (str, os.PathLike)):  # a file object: the atomic path
+            fp.write(b'\x89PNG half an image')
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(PIL.Image.Image, 'save', save_then_fail)
+    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-1', '--steps=1'])
+    assert_user_error(result, 'Cannot write', '000000.png', 'No space left on device')
+    assert os.listdir(tmp_path / 'out') == []  # not even a temporary file
+
+    # The images are written, then the grid fails: it is not left half-written either.
+    def fail_on_grid(image, fp, *args, **kwargs):
+        if image.size != (8, 8):
+            return save_then_fail(image, fp, *args, **kwargs)
+        return original_save(image, fp, *args, **kwargs)
+    monkeypatch.setattr(PIL.Image.Image, 'save', fail_on_grid)
+    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-1', '--steps=1',
+                                                          f'--grid={tmp_path}/grid.png'])
+    assert_user_error(result, 'Cannot write', 'grid.png')
+    assert sorted(os.listdir(tmp_path)) == ['net.pkl', 'out'] and sorted(os.listdir(tmp_path / 'out')) == ['000000.png', '000001.png']

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+import dnnlib
+
 from torch_utils import distributed as dist
 from torch_utils import training_stats
 from training import consistency_ops
@@ -262,14 +264,14 @@ def test_pickle_drops_teacher_and_reattached_loss_matches(ref):
     assert torch.equal(after, before)
 
 
-def test_annealed_T_follows_set_global_kimg():
+def test_annealed_T_follows_set_progress():
     T_start, T_end, horizon = 8, 40, 100.0
     loss_fn = EDMConsistencyDistillLoss(AnalyticTeacher(), S=4, T_start=T_start, T_end=T_end, T_anneal_kimg=horizon)
     collector = training_stats.Collector(regex='CD/T_.*')
     for kimg in [-3, 0, 10, 37.5, 50, 99.9, 100, 250]:
         ratio = min(max(kimg / horizon, 0), 1)
         expected = min(max(round(T_start * (T_end / T_start) ** ratio), T_start), T_end)
-        loss_fn.set_global_kimg(kimg)
+        loss_fn.set_progress(kimg * 1000)
         assert loss_fn.current_teacher_edges() == expected
         collector.update()
         torch.manual_seed(0)
@@ -282,7 +284,7 @@ def test_annealed_T_follows_set_global_kimg():
 
 def test_checkpoint_restores_progress_and_refuses_other_settings(tmp_path):
     loss_fn = EDMConsistencyDistillLoss(AnalyticTeacher(), S=4, T_start=8, T_end=16)
-    loss_fn.set_global_kimg(12.5)
+    loss_fn.set_progress(12500)
     torch.manual_seed(0)
     loss_fn(AnalyticStudent(), torch.randn(4, 3, 8, 8))
     path = str(tmp_path / 'training-state-0000000.pt')
@@ -316,9 +318,22 @@ def test_invalid_settings_are_rejected(kwargs, message):
         EDMConsistencyDistillLoss(None, **kwargs)
 
 
-def test_terminal_anchor_with_uniform_sampling_warns():
-    with pytest.warns(UserWarning, match='terminal_anchor'):
-        EDMConsistencyDistillLoss(None, sampling_mode='uniform')
+@pytest.mark.parametrize('kwargs, option', [
+    (dict(sampling_mode='uniform', terminal_anchor=True), 'terminal_anchor'),
+    (dict(sampling_mode='uniform', terminal_anchor=False), 'terminal_anchor'),
+    (dict(sampling_mode='vp', P_mean=-1.0), 'P_mean'),
+    (dict(sampling_mode='uniform', P_std=2.0), 'P_std'),
+])
+def test_settings_a_sampling_mode_does_not_read_are_refused(kwargs, option):
+    with pytest.raises(dnnlib.UserError, match=f'{option} has no effect') as info:
+        EDMConsistencyDistillLoss(None, **kwargs)
+    assert info.value.option == option
+
+
+def test_sampling_mode_defaults():
+    assert EDMConsistencyDistillLoss(None, sampling_mode='uniform').terminal_anchor is False
+    loss = EDMConsistencyDistillLoss(None, sampling_mode='edm')
+    assert (loss.terminal_anchor, loss.P_mean, loss.P_std) == (True, -1.2, 1.2)
 
 #----------------------------------------------------------------------------
 # DDP-wrapped student under torchrun (gloo on CPU).

@@ -233,3 +233,73 @@ def test_cli_rejects_bad_requests(phema_run, tmp_path):
     result = runner.invoke(reconstruct_phema.cmdline, base + ['--outstd=0.07'], env={'WORLD_SIZE': '2'})
     assert result.exit_code != 0 and 'single process' in result.output
     assert os.listdir(tmp_path) == []
+
+
+def _error_line(result):
+    """The one-line message of a command stopped by a user error (no traceback, no bare 'Aborted!')."""
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert 'Traceback' not in result.output and 'Aborted' not in result.output, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith('Error:') and sum(line.startswith('Error:') for line in lines) == 1, result.stderr
+    return lines[-1]
+
+
+def test_std_lists_must_be_finite(tmp_path):
+    for bad in ['nan', '0.05,inf', '0.01,0.02,...,nan', '-inf']:
+        with pytest.raises(ValueError, match='not a finite number'):
+            reconstruct_phema.parse_std_list(bad)
+    for option in ['--outstd', '--instd']:
+        args = [f'--indir={tmp_path}', f'--outdir={tmp_path}/out', '--outstd=0.07', f'{option}=0.05,nan']
+        line = _error_line(CliRunner().invoke(reconstruct_phema.cmdline, args))
+        assert f"'{option}'" in line and 'not a finite number' in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_refuses_unreadable_snapshots_and_writes_nothing(phema_run, tmp_path):
+    indir, _reference = phema_run
+    good = indir / 'network-snapshot-0000008-0.050.pkl'
+    whole = good.read_bytes()
+    nan_data = _read_snapshot(good)
+    with torch.no_grad():
+        nan_data['ema'].weight[0, 0] = float('nan')
+    net_only = _read_snapshot(good)
+    net_only['net'] = net_only.pop('ema')
+    contents = {'empty': b'', 'truncated': whole[:len(whole) // 2], 'random': np.random.default_rng(0).bytes(len(whole)),
+                'list': pickle.dumps([1, 2]), 'nan': pickle.dumps(nan_data), 'no_ema': pickle.dumps(net_only)}
+    expected = {'empty': 'empty or truncated', 'truncated': 'truncated', 'random': 'not a readable pickle',
+                'list': 'not a network pickle', 'nan': 'non-finite', 'no_ema': 'has no "ema" network'}
+    for case, data in contents.items():
+        run_dir = tmp_path / case
+        run_dir.mkdir()
+        for path in indir.iterdir():
+            (run_dir / path.name).write_bytes(path.read_bytes())
+        (run_dir / good.name).write_bytes(data)
+        outdir = tmp_path / f'{case}-out'
+        args = [f'--indir={run_dir}', f'--outdir={outdir}', '--inprefix=network-snapshot', '--instd=0.05,0.1',
+                '--outstd=0.06,0.07,0.08', '--batch=1']
+        line = _error_line(CliRunner().invoke(reconstruct_phema.cmdline, args))
+        assert f'--indir snapshot: {run_dir / good.name}' in line and expected[case] in line, (case, line)
+        assert not outdir.exists(), case
+
+
+def test_cli_refuses_missing_or_empty_indir(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    (tmp_path / 'file').write_bytes(b'')
+    for indir, message in [(tmp_path / 'missing', 'does not exist'), (tmp_path / 'file', 'is not a directory'),
+                           (tmp_path / 'empty', 'holds no snapshots')]:
+        line = _error_line(CliRunner().invoke(reconstruct_phema.cmdline, [f'--indir={indir}', f'--outdir={tmp_path}/out', '--outstd=0.07']))
+        assert f'--indir: {indir}' in line and message in line
+    assert sorted(os.listdir(tmp_path)) == ['empty', 'file']
+
+
+def test_reconstructed_pickles_appear_atomically(phema_run, tmp_path, monkeypatch):
+    indir, _reference = phema_run
+    snapshots = reconstruct_phema.find_snapshots(str(indir), prefix='network-snapshot', stds=[0.05, 0.1])
+
+    def dump_then_fail(obj, f):
+        f.write(b'half a pickle')
+        raise OSError('disk full')
+    monkeypatch.setattr(reconstruct_phema.pickle, 'dump', dump_then_fail)
+    with pytest.raises(OSError, match='disk full'):
+        reconstruct_phema.reconstruct_phema(snapshots, [0.07], 16 * 1024, str(tmp_path / 'out'), verbose=False)
+    assert os.listdir(tmp_path / 'out') == []

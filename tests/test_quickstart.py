@@ -113,6 +113,8 @@ def test_conditioned_classes_and_images_match_generate_images(tmp_path):
     assert len(set(expected_classes.tolist())) > 1
     classes = quickstart.conditioned_classes(seeds, label_dim=10, image_shape=[3, 8, 8], device='cpu')
     assert np.array_equal(classes, expected_classes)
+    if not torch.cuda.is_available():  # the default device (torch_utils.misc.default_device) is then the CPU
+        assert np.array_equal(quickstart.conditioned_classes(seeds, label_dim=10, image_shape=[3, 8, 8]), expected_classes)
     loaded = quickstart.load_generated(str(tmp_path), seeds)
     assert np.array_equal(loaded, torch.cat(images).numpy())
 

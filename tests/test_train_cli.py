@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import dnnlib
 import train_edm2
 from test_training_loop import write_image_zip
 
@@ -33,7 +34,7 @@ def config_for(*args):
 
 @pytest.mark.parametrize('text, expected', [('0', 0), ('2048', 2048), ('3Ki', 3 << 10), ('8Mi', 8 << 20), ('2Gi', 2 << 30)])
 def test_image_count_parsing(text, expected, data16):
-    assert parse_args([f'--data={data16}', '--outdir=x', f'--duration={text}'])['duration'] == expected
+    assert parse_args([f'--data={data16}', '--outdir=x', f'--status={text}'])['status'] == expected
 
 
 @pytest.mark.parametrize('text', ['8M', '1.5Ki', '-4', 'Ki', 'lots'])
@@ -45,10 +46,10 @@ def test_image_count_rejects(text, data16):
 def test_presets_cover_edm2_table():
     expected = dict(xxs=(2048, 64), xs=(2048, 128), s=(2048, 192), m=(2048, 256), l=(1792, 320), xl=(1280, 384), xxl=(896, 448))
     for size, (duration_Mi, channels) in expected.items():
-        preset = train_edm2.PRESETS[f'edm2-img512-{size}']
+        preset = dnnlib.EasyDict(train_edm2.PRESETS[f'edm2-img512-{size}'])
         assert (preset.duration, preset.channels, preset.batch, preset.decay) == (duration_Mi << 20, channels, 2048, 70000)
         assert (preset.P_mean, preset.P_std) == (-0.4, 1.0)
-    img64 = train_edm2.PRESETS['edm2-img64-m']
+    img64 = dnnlib.EasyDict(train_edm2.PRESETS['edm2-img64-m'])
     assert (img64.duration, img64.channels, img64.lr, img64.dropout, img64.P_mean, img64.P_std, img64.decay) == \
         (2048 << 20, 256, 0.0090, 0.10, -0.8, 1.6, 35000)
     assert sorted(name for name in train_edm2.PRESETS if name.startswith('edm2-img64-')) == \
@@ -84,13 +85,18 @@ def test_edm2_preset_defaults_intervals(tmp_path):
 
 @pytest.mark.parametrize('args, option, message', [
     (['--data={missing}'], '--data', 'does not exist'),
-    (['--data={not_dataset}'], '--data', 'cannot read'),
+    (['--data={not_dataset}'], '--data', 'must be a directory or a .zip file'),
     (['--data={data12}', '--preset=edm2-img64-s'], '--data', "holds 12x12 images, which preset 'edm2-img64-s' cannot"),
     (['--data={data16}', '--cond=True'], '--cond', 'has no labels'),
     (['--data={data16}', '--preset=tiny-img99'], '--preset', "unknown preset 'tiny-img99'"),
     (['--data={data16}', '--snapshot=1000'], '--snapshot', 'not a multiple of both 1024 and the batch size'),
     (['--data={data16}', '--duration=1000'], '--duration', 'not a multiple of the batch size (32)'),
-    (['--data={data16}', '--batch-gpu=24'], '--batch-gpu', 'not a multiple of --batch-gpu (24)'),
+    (['--data={data16}', '--batch-gpu=24'], '--batch-gpu', 'not a multiple of 24 images per forward pass'),
+    (['--data={data16}', '--batch=0'], '--batch', 'below the smallest allowed count'),
+    (['--data={data16}', '--duration=0'], '--duration', 'below the smallest allowed count'),
+    (['--data={data16}', '--lr=nan'], '--lr', 'not a finite number'),
+    (['--data={data16}', '--P_mean=inf'], '--P_mean', 'not a finite number'),
+    (['--data={data16}', '--P_std=-1'], '--P_std', 'P_std must be positive'),
 ])
 def test_config_errors_name_the_option(args, option, message, data16, tmp_path):
     not_dataset = tmp_path / 'notes.txt'
@@ -155,7 +161,7 @@ def read_stats(run_dir):
 @pytest.mark.slow
 def test_run_dir_contents(full_run, data16):
     files = sorted(os.listdir(full_run))
-    assert files == ['log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
+    assert files == ['.lock', 'log.txt', 'network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl',
         'network-snapshot-0000001-0.050.pkl', 'network-snapshot-0000001-0.100.pkl',
         'network-snapshot-0000002-0.050.pkl', 'network-snapshot-0000002-0.100.pkl',
         'stats.jsonl', 'training-state-0000001.pt', 'training-state-0000002.pt', 'training_options.json']
@@ -173,7 +179,9 @@ def test_run_dir_contents(full_run, data16):
     assert list(stats[0]) == ['Progress/kimg', 'Timing/total_sec', 'Timing/sec_per_tick', 'Timing/sec_per_kimg',
         'Timing/maintenance_sec', 'Resources/cpu_mem_gb', 'Resources/peak_gpu_mem_gb',
         'Resources/peak_gpu_mem_reserved_gb', 'timestamp']
-    assert list(stats[1])[8:] == ['Loss/loss', 'Loss/learning_rate', 'Loss/grad_norm', 'Loss/nan_inf_grad_count', 'timestamp']
+    assert list(stats[1])[8:] == ['Loss/loss', 'Loss/learning_rate', 'Loss/grad_norm', 'Loss/nan_inf_grad_count',
+        'Loss/nonfinite_step', 'timestamp']
+    assert all(entry['Loss/nonfinite_step'] == 0 for entry in stats[1:])
     assert all(np.isfinite(entry['Loss/loss']) for entry in stats[1:])
     assert stats[-1]['Loss/learning_rate'] > stats[1]['Loss/learning_rate'] > 0  # still warming up
 
@@ -269,9 +277,10 @@ def test_unbuildable_resolution_names_what_would_work(tmp_path):
 
 
 @pytest.mark.parametrize('args, option, message', [
-    (['--S=4'], '--S', 'only apply to consistency distillation'),
-    (['--cd_lr=0.001', '--T_end=64'], '--T_end', 'only apply to consistency distillation'),
-    (['--no_sync_dropout'], '--sync_dropout', 'only apply to consistency distillation'),
+    (['--S=4'], '--S', 'is an option of --method=cd, but this run trains with --method=edm2 (add --teacher=PKL'),
+    (['--cd_lr=0.001', '--T_end=64'], '--T_end', 'is an option of --method=cd'),
+    (['--no_sync_dropout'], '--sync_dropout', 'is an option of --method=cd'),
+    (['--method=cd', '--duration=1Ki'], '--teacher', 'needs a teacher network pickle'),
     (['--dout_resolutions=64', '--dropout=0.1'], '--dout_resolutions', 'not resolutions of this network'),
     (['--dout_resolutions=8'], '--dout_resolutions', 'dropout is 0'),
     (['--dout_resolutions=8,x'], '--dout_resolutions', 'expected comma-separated resolutions'),
@@ -285,17 +294,21 @@ def test_options_without_effect_in_plain_training_are_refused(args, option, mess
 
 
 @pytest.mark.parametrize('args, option, message', [
-    (['--channels=64'], '--channels', "the teacher's architecture"),
-    (['--P_mean=-1'], '--P_mean', '--sampling_mode=edm --cd_P_mean'),
+    (['--channels=64'], '--channels', 'the architecture of its pretrained network'),
+    (['--P_mean=-1'], '--P_mean', 'is an option of --method=edm2, but this run trains with --method=cd (--method=cd has --cd_P_mean)'),
     (['--dropout=0.1', '--cd_dropout=0.2'], '--dropout', 'give one of them'),
     (['--lr=0.01', '--cd_lr=0.02'], '--cd_lr', 'give one of them'),
-    (['--cd_P_std=2'], '--cd_P_std', 'with --sampling_mode=vp --cd_P_std has no effect'),
-    (['--sampling_mode=uniform', '--terminal_anchor'], '--terminal_anchor', 'has no effect there'),
+    (['--cd_P_std=2'], '--cd_P_std', "P_std has no effect with sampling_mode='vp'"),
+    (['--sampling_mode=uniform', '--terminal_anchor'], '--terminal_anchor', 'probability 1/S there'),
+    (['--S=4', '--T_start=3'], '--T_start', 'cannot cover 4 student steps'),
     (['--cond=True', '--data={labelled}'], '--teacher', 'label dimension: teacher 0, data 10'),
+    (['--teacher={empty}'], '--teacher', 'is empty or truncated'),
+    (['--teacher={missing}'], '--teacher', 'does not exist'),
 ])
 def test_options_without_effect_in_distillation_are_refused(args, option, message, data16, teacher16, tmp_path):
     labelled = write_image_zip(tmp_path / 'labelled.zip', 10, 16, labels=range(10))
-    args = [arg.format(labelled=labelled) for arg in args]
+    (tmp_path / 'empty.pkl').write_bytes(b'')
+    args = [arg.format(labelled=labelled, empty=tmp_path / 'empty.pkl', missing=tmp_path / 'missing.pkl') for arg in args]
     with pytest.raises(click.BadParameter) as info:
         config_for(f'--data={data16}', '--cond=False', '--preset=cd-tiny-img16', f'--teacher={teacher16}', *args)
     text = info.value.format_message()

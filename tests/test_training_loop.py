@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dnnlib
 from training import training_loop
 from training.training_loop import EDM2Loss, learning_rate_schedule, sanitize_gradients
 
@@ -133,27 +134,25 @@ def test_split_batch_and_interval_checks():
     assert training_loop.split_batch(64, None, 2) == (32, 1)
     assert training_loop.split_batch(64, 8, 2) == (8, 4)
     assert training_loop.split_batch(64, 1000, 1) == (64, 1)
-    with pytest.raises(ValueError, match='batch_gpu=12'):
-        training_loop.split_batch(64, 12, 1)
-    with pytest.raises(ValueError, match='batch_size=30'):
-        training_loop.split_batch(30, None, 4)
+    for args, option, message in [((64, 12, 1), 'batch_gpu', 'not a multiple of 12 images per forward pass'),
+            ((30, None, 4), 'batch_size', '30 images per step do not split evenly over 4')]:
+        with pytest.raises(dnnlib.UserError, match=message) as info:
+            training_loop.split_batch(*args)
+        assert info.value.option == option
     training_loop.check_intervals(32, 4096, None, 64, 1024, 0)
-    with pytest.raises(ValueError, match='status_nimg=48'):
-        training_loop.check_intervals(32, 4096, None, 48, 1024, 0)
-    with pytest.raises(ValueError, match='snapshot_nimg=1000'):
-        training_loop.check_intervals(8, 4096, None, 64, 1000, 0)
-    with pytest.raises(ValueError, match='checkpoint_nimg=2048'):
-        training_loop.check_intervals(3072, 3072, None, 0, 0, 2048)
+    for args, option in [((32, 4096, None, 48, 1024, 0), 'status_nimg'), ((8, 4096, None, 64, 1000, 0), 'snapshot_nimg'),
+            ((3072, 3072, None, 0, 0, 2048), 'checkpoint_nimg'), ((32, 0, None, 0, 0, 0), 'total_nimg')]:
+        with pytest.raises(dnnlib.UserError) as info:
+            training_loop.check_intervals(*args)
+        assert info.value.option == option
 
 
-def test_freeze_parameters():
-    net = torch.nn.Sequential()
-    net.add_module('trunk', torch.nn.Linear(2, 2))
-    net.add_module('logvar_linear', torch.nn.Linear(2, 1))
-    training_loop.freeze_parameters(net, ['logvar_linear'])
-    assert [name for name, p in net.named_parameters() if not p.requires_grad] == ['logvar_linear.weight', 'logvar_linear.bias']
-    with pytest.raises(ValueError, match="'head'"):
-        training_loop.freeze_parameters(net, ['head'])
+def test_edm2_loss_state_keeps_the_constructed_settings():
+    state = EDM2Loss(P_mean=-0.8, P_std=1.6).state_dict()
+    assert (state['P_mean'], state['P_std'], state['sigma_data']) == (-0.8, 1.6, 0.5)  # EDM2's attributes
+    EDM2Loss(P_mean=-0.8, P_std=1.6).load_state_dict(state)
+    with pytest.raises(dnnlib.UserError, match='P_mean: training state -0.8, now 2.5'):
+        EDM2Loss(P_mean=2.5, P_std=1.6).load_state_dict(state)
 
 
 def test_default_data_loader_kwargs():
@@ -179,41 +178,89 @@ def _tiny_loop_kwargs(tmp_path, data_path, **overrides):
     return kwargs
 
 
-def test_training_loop_hooks(tmp_path, single_thread):
-    data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=[i % 3 for i in range(16)])
-    run_dir = tmp_path / 'run'
-    run_dir.mkdir()
-    nets, initial = [], {}
+class RecordingMethod:
+    """A training method with every optional hook: EDM2's loss, plus a record of what the loop calls."""
+    calls = []
 
-    def seed_from_teacher(net):
-        nets.append(net)
+    def __init__(self, nan_from_nimg=None):
+        self.loss = EDM2Loss(P_mean=-0.8, P_std=1.6)
+        self.nan_from_nimg, self.cur_nimg = nan_from_nimg, None
+
+    def prepare(self, encoder, latent_shape, label_dim, device):
+        self.calls.append(('prepare', tuple(latent_shape), label_dim, device.type))
+
+    def init_network(self, net):
+        self.calls.append(('init_network', net.img_resolution))
         with torch.no_grad():
             net.logvar_linear.weight.fill_(0.25)
-        initial.update({name: value.clone() for name, value in net.state_dict().items()})
+        net.logvar_linear.weight.requires_grad_(False)
 
-    training_loop.training_loop(**_tiny_loop_kwargs(run_dir, data_path, init_net_fn=seed_from_teacher,
-        frozen_params=['logvar_linear'], cd_metadata=dict(S=4)))
-    net = nets[0]
-    assert net.label_dim == 3 and net.img_resolution == 8
-    assert not net.logvar_linear.weight.requires_grad and net.logvar_linear.weight.grad is None
-    assert not torch.equal(net.unet.out_gain, initial['unet.out_gain'])
+    def set_progress(self, cur_nimg):
+        self.calls.append(('set_progress', cur_nimg))
+        self.cur_nimg = cur_nimg
+
+    def snapshot_entries(self):
+        return dict(method=dict(cur_nimg=self.cur_nimg))
+
+    def state_dict(self):
+        return dict(cur_nimg=self.cur_nimg)
+
+    def load_state_dict(self, state):
+        self.calls.append(('load_state_dict', state['cur_nimg']))
+
+    def __call__(self, net, images, labels=None):
+        loss = self.loss(net, images, labels)
+        if self.nan_from_nimg is not None and self.cur_nimg >= self.nan_from_nimg:
+            loss = loss * float('nan')
+        return loss
+
+
+def test_training_loop_calls_the_method_hooks(tmp_path, single_thread):
+    data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=[i % 3 for i in range(16)])
+    run_dir = tmp_path / 'run'
+    RecordingMethod.calls.clear()
+    training_loop.training_loop(**_tiny_loop_kwargs(run_dir, data_path, loss_kwargs=dict(class_name=RecordingMethod)))
+    calls = RecordingMethod.calls
+    assert calls[:2] == [('prepare', (1, 3, 8, 8), 3, 'cpu'), ('init_network', 8)]
+    assert calls[2:] == [('set_progress', nimg) for nimg in (0, 8, 16, 24)]
 
     with open(run_dir / 'network-snapshot-0000000-0.050.pkl', 'rb') as f:
         snapshot = pickle.load(f)
-    assert list(snapshot.keys()) == ['encoder', 'dataset_kwargs', 'cd', 'ema']
-    assert snapshot['cd'] == dict(S=4)
-    assert torch.all(snapshot['ema'].logvar_linear.weight == 0.25)
-
+    assert list(snapshot.keys()) == ['encoder', 'dataset_kwargs', 'method', 'ema']  # no loss object
+    assert snapshot['method'] == dict(cur_nimg=None)
     state = torch.load(run_dir / 'training-state-0000000.pt', weights_only=False)
-    assert state['state']['cur_nimg'] == 32
-    for name, value in net.state_dict().items():
-        assert torch.equal(state['net'][name], value), name
-    param_names = [name for name, _ in net.named_parameters()]
-    assert param_names.index('logvar_linear.weight') not in state['optimizer']['state']  # Adam never saw a gradient
-    assert param_names.index('unet.out_gain') in state['optimizer']['state']
+    assert state['state']['cur_nimg'] == 32 and state['loss_fn'] == dict(cur_nimg=24)
+    assert not torch.equal(state['net']['unet.out_gain'], torch.zeros([]))
+    weight = state['net']['logvar_linear.weight']
+    assert torch.all(weight == weight.flatten()[0])  # the method's init, frozen (only weight-normalised)
+    names = list(dict(snapshot['ema'].named_parameters()))
+    assert names.index('logvar_linear.weight') not in state['optimizer']['state']
+    assert names.index('unet.out_gain') in state['optimizer']['state']
     lines = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]
     assert [line['Progress/kimg'] for line in lines] == [0.0, 0.016, 0.032]
     assert lines[-1]['Loss/nan_inf_grad_count'] == 0 and lines[-1]['Loss/grad_norm'] > 0
+
+    RecordingMethod.calls.clear()
+    training_loop.training_loop(**_tiny_loop_kwargs(run_dir, data_path, loss_kwargs=dict(class_name=RecordingMethod),
+        total_nimg=40))
+    assert ('load_state_dict', 24) in RecordingMethod.calls and RecordingMethod.calls[-1] == ('set_progress', 32)
+
+
+def test_training_loop_knows_no_method():
+    """The loop reaches methods only through the hooks; its source travels in pickles that EDM2 must read."""
+    import ast
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'training', 'training_loop.py')
+    source = open(path).read()
+    assert 'teacher' not in source.lower() and 'loss_cd' not in source and 'pretrained' not in source
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.update(f'{node.module}.{alias.name}' for alias in node.names)
+    edm2_provides = {'copy', 'json', 'os', 'pickle', 'time', 'numpy', 'psutil', 'torch', 'dnnlib',
+        'torch_utils.distributed', 'torch_utils.misc', 'torch_utils.persistence', 'torch_utils.training_stats'}
+    assert imported <= edm2_provides, imported - edm2_provides
 
 
 def test_training_loop_refuses_finished_run(tmp_path, single_thread):
@@ -222,14 +269,106 @@ def test_training_loop_refuses_finished_run(tmp_path, single_thread):
     kwargs['dataset_kwargs']['use_labels'] = False
     training_loop.training_loop(**kwargs)
     assert os.path.isfile(tmp_path / 'training-state-0000000.pt')
-    with pytest.raises(RuntimeError, match='already at 8 images'):
+    with pytest.raises(dnnlib.UserError, match='already at 8 images'):
         training_loop.training_loop(**kwargs)
+
+
+def test_persistent_nonfinite_steps_stop_the_run(tmp_path, single_thread, capsys):
+    data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=[i % 3 for i in range(16)])
+    kwargs = _tiny_loop_kwargs(tmp_path / 'run', data_path, total_nimg=64, status_nimg=16, snapshot_nimg=0,
+        loss_kwargs=dict(class_name=RecordingMethod, nan_from_nimg=24), max_nonfinite_steps=3)
+    with pytest.raises(training_loop.TrainingDiverged, match='at 0 kimg: 3 optimizer steps in a row'):
+        training_loop.training_loop(**kwargs)
+    assert 'Warning: 1 of the last 2 steps had NaN/Inf' in capsys.readouterr().out
+    assert not any(name.endswith(('.pt', '.pkl')) for name in os.listdir(tmp_path / 'run'))  # nothing NaN saved
+    rows = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
+    assert [row['Loss/nonfinite_step'] for row in rows[1:]] == [0, 0.5, 1]
+
+    # EDM2's behaviour, zeroing the gradients and going on, is still there with max_nonfinite_steps=0.
+    training_loop.training_loop(**dict(kwargs, run_dir=str(tmp_path / 'edm2'), max_nonfinite_steps=0))
+    assert os.path.isfile(tmp_path / 'edm2' / 'training-state-0000000.pt')
+
+
+def test_resume_refuses_other_settings_and_records_schedule_changes(tmp_path, single_thread):
+    data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=[i % 3 for i in range(16)])
+    kwargs = _tiny_loop_kwargs(tmp_path / 'run', data_path, total_nimg=16, snapshot_nimg=0)
+    training_loop.training_loop(**kwargs)
+    changed = dict(kwargs, total_nimg=32, loss_kwargs=dict(class_name='training.training_loop.EDM2Loss', P_mean=2.5),
+        seed=7, network_kwargs=dict(TINY_NET, dropout=0.1))
+    with pytest.raises(dnnlib.UserError) as info:
+        training_loop.training_loop(**changed)
+    for fragment in ['loss_kwargs.P_mean: run <unset>, now 2.5', 'seed: run 0, now 7', 'network_kwargs.dropout: run <unset>, now 0.1']:
+        assert fragment in str(info.value)
+    assert 'total_nimg' not in str(info.value)
+    training_loop.training_loop(**dict(kwargs, total_nimg=32, lr_kwargs=dict(kwargs['lr_kwargs'], ref_lr=0.02)))
+    recorded = json.load(open(tmp_path / 'run' / 'training_options.json'))
+    assert recorded['total_nimg'] == 32 and recorded['lr_kwargs']['ref_lr'] == 0.02
+
+
+def _replace_member(zip_path, name, data):
+    with zipfile.ZipFile(zip_path) as zf:
+        members = {member: zf.read(member) for member in zf.namelist()}
+    members[name] = data
+    with zipfile.ZipFile(zip_path, 'w', compression=zipfile.ZIP_STORED) as zf:
+        for member, content in members.items():
+            zf.writestr(member, content)
+
+
+def test_unreadable_sample_stops_after_saving_the_state(tmp_path, single_thread):
+    labels = [i % 3 for i in range(16)]
+    kwargs = dict(total_nimg=64, status_nimg=0, snapshot_nimg=0)
+    straight = write_image_zip(tmp_path / 'straight.zip', 16, 8, labels=labels)
+    training_loop.training_loop(**_tiny_loop_kwargs(tmp_path / 'straight', straight, **kwargs))
+
+    data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=labels)
+    good = zipfile.ZipFile(data_path).read('00000/img00000005.png')
+    _replace_member(data_path, '00000/img00000005.png', b'not a png at all')
+    with pytest.raises(dnnlib.UserError, match=r'img00000005\.png.*Training stopped at 0 kimg after saving its state'):
+        training_loop.training_loop(**_tiny_loop_kwargs(tmp_path / 'run', data_path, **kwargs))
+    states = sorted(name for name in os.listdir(tmp_path / 'run') if name.endswith('.pt'))
+    assert states == ['training-state-0000000.pt']
+    assert 0 < torch.load(tmp_path / 'run' / states[0], weights_only=False)['state']['cur_nimg'] < 64
+
+    _replace_member(data_path, '00000/img00000005.png', good)  # the user repairs the file and reruns
+    training_loop.training_loop(**_tiny_loop_kwargs(tmp_path / 'run', data_path, **kwargs))
+    resumed = torch.load(tmp_path / 'run' / 'training-state-0000000.pt', weights_only=False)
+    expected = torch.load(tmp_path / 'straight' / 'training-state-0000000.pt', weights_only=False)
+    assert resumed['state']['cur_nimg'] == 64
+    for name, value in expected['net'].items():
+        assert torch.equal(resumed['net'][name], value), name
+
+
+def test_unreadable_newest_state_falls_back_to_the_previous(tmp_path, single_thread, capsys):
+    data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=[i % 3 for i in range(16)])
+    kwargs = dict(status_nimg=0, snapshot_nimg=0, checkpoint_nimg=1024, batch_size=256, batch_gpu=None)
+    training_loop.training_loop(**_tiny_loop_kwargs(tmp_path / 'straight', data_path, total_nimg=3072, **kwargs))
+    run = tmp_path / 'run'
+    training_loop.training_loop(**_tiny_loop_kwargs(run, data_path, total_nimg=2048, **kwargs))
+    newest = run / 'training-state-0000002.pt'
+    newest.write_bytes(newest.read_bytes()[:1000])  # a save cut short by a crash outside our control
+    (run / '.training-state-0000003.pt.0123456789abcdef0123456789abcdef.tmp').write_bytes(b'partial')
+    training_loop.training_loop(**_tiny_loop_kwargs(run, data_path, total_nimg=3072, **kwargs))
+    out = capsys.readouterr().out
+    assert 'Warning: cannot read' in out and 'training-state-0000002.pt.corrupt' in out
+    assert 'Loading ' + str(run / 'training-state-0000001.pt') in out
+    assert sorted(os.listdir(run)) == ['training-state-0000001.pt', 'training-state-0000002.pt',
+        'training-state-0000002.pt.corrupt', 'training-state-0000003.pt', 'training_options.json']
+    resumed = torch.load(run / 'training-state-0000003.pt', weights_only=False)
+    straight = torch.load(tmp_path / 'straight' / 'training-state-0000003.pt', weights_only=False)
+    for name, value in straight['net'].items():
+        assert torch.equal(resumed['net'][name], value), name
+
+    for path in run.glob('training-state-*.pt'):
+        path.write_bytes(b'')
+    with pytest.raises(dnnlib.UserError, match='None of the 3 training states'):
+        training_loop.training_loop(**_tiny_loop_kwargs(run, data_path, total_nimg=4096, **kwargs))
 
 
 DDP_SCRIPT = r'''
 import sys, torch
 from torch_utils import distributed as dist
 from training import training_loop
+from training.training_loop import EDM2Loss
 kwargs = eval(sys.argv[1])
 dist.init()
 nets = []
@@ -239,10 +378,11 @@ def gather(tensor):
     out = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
     torch.distributed.all_gather(out, tensor)
     return out
-def capture(net):
-    nets.append(net)
-    nets.append(flat_params(net))
-training_loop.training_loop(init_net_fn=capture, **kwargs)
+class CapturingLoss(EDM2Loss):
+    def init_network(self, net):
+        nets.append(net)
+        nets.append(flat_params(net))
+training_loop.training_loop(loss_kwargs=dict(class_name=CapturingLoss), **kwargs)
 result = dict(initial=gather(nets[1]), final=gather(flat_params(nets[0])))
 if dist.get_rank() == 0:
     torch.save(result, kwargs['run_dir'] + '/ranks.pt')

@@ -9,6 +9,7 @@ import uuid
 
 import torch
 
+import dnnlib
 from . import training_stats
 
 
@@ -91,13 +92,36 @@ def node_first(fn, *args, **kwargs):
 
 
 def check_same_on_all_ranks(value, describe):
-    """Raise RuntimeError(describe(values per rank)) unless every rank passed an equal `value`."""
+    """Raise UserError(describe(values per rank)) unless every rank passed an equal `value`."""
     if get_world_size() == 1:
         return
     values = [None] * get_world_size()
     torch.distributed.all_gather_object(values, value)
     if any(other != values[0] for other in values):
-        raise RuntimeError(describe(values))
+        raise dnnlib.UserError(describe(values))
+
+
+class RunDirectoryLock:
+    """An exclusive lock on a run directory, held until the process ends (the OS releases it even
+    after a kill). A second process that asks for it gets a UserError at once."""
+
+    def __init__(self, run_dir):
+        self.file = open(os.path.join(run_dir, '.lock'), 'a+')
+        try:
+            import fcntl  # POSIX only; elsewhere runs go unlocked
+        except ImportError:
+            return
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or 'another process'
+            self.file.close()
+            raise dnnlib.UserError(f'{run_dir} is in use by {owner}; wait for it to end, or use another run directory') from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f'process {os.getpid()} on {socket.gethostname()}\n')
+        self.file.flush()
 
 
 def get_rank():
@@ -166,6 +190,16 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+_TEMPORARY_NAME = re.compile(r'\..+\.[0-9a-f]{32}\.tmp')
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files that saves killed midway left in `folder` (no other process may be saving there)."""
+    for file_name in (os.listdir(folder) if os.path.isdir(folder) else []):
+        if _TEMPORARY_NAME.fullmatch(file_name):
+            os.remove(os.path.join(folder, file_name))
+
+
 def write_file_atomically(path, write_fn):
     """Create or replace the file `path` with what write_fn(f) writes to the binary file object f.
 
@@ -173,7 +207,7 @@ def write_file_atomically(path, write_fn):
     `path`, so readers see either the old file or the complete new one; if anything fails, the
     temporary file is removed and the old file is left as it was. The folder must exist.
     """
-    # The temp name starts with '.' and ends in '.tmp', so checkpoint patterns never match it.
+    # The temp name starts with '.' and ends in '.tmp' (_TEMPORARY_NAME), so checkpoint patterns never match it.
     target_dir = os.path.dirname(os.path.abspath(path))
     tmp_path = os.path.join(target_dir, f'.{os.path.basename(path)}.{uuid.uuid4().hex}.tmp')
     try:
@@ -229,23 +263,47 @@ class CheckpointIO:
             print0('done')
 
     def load(self, pt_path, verbose=True):
+        self._import(pt_path, self._read(pt_path), verbose)
+
+    @staticmethod
+    def _read(pt_path):
+        # weights_only=False: checkpoints hold EasyDicts and other plain Python objects.
+        return torch.load(pt_path, map_location=torch.device('cpu'), weights_only=False)
+
+    def _import(self, pt_path, data, verbose):
         if verbose:
             print0(f'Loading {pt_path} ... ', end='', flush=True)
-        # weights_only=False: checkpoints hold EasyDicts and other plain Python objects.
-        data = torch.load(pt_path, map_location=torch.device('cpu'), weights_only=False)
-        missing = [name for name in self._state_objs if name not in data]
+        missing = [name for name in self._state_objs if not isinstance(data, dict) or name not in data]
         if missing:
-            raise ValueError(f'Checkpoint {pt_path} has no entry for {missing}; it contains {list(data.keys())}')
+            raise dnnlib.UserError(f'{pt_path} is not a training state of this kind of run: it has no entry for {missing}')
         for name, obj in self._state_objs.items():
             _import_state(obj, data[name])
         if verbose:
             print0('done')
 
     def load_latest(self, run_dir, pattern=CHECKPOINT_PATTERN, verbose=True):
-        """Load the file in `run_dir` whose name matches `pattern` with the largest number; return its path or None."""
+        """Load the newest readable file in `run_dir` whose name matches `pattern`; return its path or None.
+
+        An unreadable file (truncated, corrupt) is renamed to <name>.corrupt with a warning, and the
+        next older one is tried; when files exist but none can be read, raises UserError.
+        """
         numbered = numbered_files(run_dir, pattern)
-        if not numbered:
-            return None
-        self.load(numbered[-1], verbose=verbose)
-        return numbered[-1]
+        for pt_path in reversed(numbered):
+            try:
+                data = self._read(pt_path)
+            except (dnnlib.UserError, OSError):
+                raise
+            except Exception as err:  # torch.load fails in many ways on a damaged zip or pickle
+                print0(f'Warning: cannot read {pt_path} ({type(err).__name__}: {err}); renaming it to '
+                    f'{os.path.basename(pt_path)}.corrupt and trying the previous training state')
+                barrier()
+                if get_rank() == 0:
+                    os.replace(pt_path, pt_path + '.corrupt')
+                continue
+            self._import(pt_path, data, verbose)
+            return pt_path
+        if numbered:
+            raise dnnlib.UserError(f'None of the {len(numbered)} training states in {run_dir} can be read (see the '
+                'warnings above); move the run directory aside to start afresh')
+        return None
 

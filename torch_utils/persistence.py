@@ -188,12 +188,16 @@ def load_network_pickle(source, what='network pickle', verbose=False, require_fi
     buffer of that module must be finite; the error names the first one that is not.
     """
     try:
-        with dnnlib.util.open_url(source, verbose=verbose) as f:
-            data = pickle.load(f)
+        f = dnnlib.util.open_url(source, verbose=verbose)
     except FileNotFoundError:
         raise NetworkPickleError(f'{what}: {source} does not exist') from None
     except IsADirectoryError:
         raise NetworkPickleError(f'{what}: {source} is a directory, not a network pickle') from None
+    except OSError as err:
+        raise NetworkPickleError(f'{what}: cannot open {source} ({err})') from None
+    try:
+        with f:
+            data = pickle.load(f)
     except EOFError:
         raise NetworkPickleError(f'{what}: {source} is empty or truncated (the pickle ends early)') from None
     except Exception as err:  # garbage bytes fail in many ways inside the unpickler

@@ -8,13 +8,13 @@ there. The student's prediction D(x_t; sigma_t) is the only path for gradients. 
 """
 
 import contextlib
-import warnings
 
 import torch
 
 import dnnlib
 from torch_utils import training_stats
 from training import consistency_ops
+from training import pretrained
 from training.networks_edm2 import suppress_inplace_weight_norm
 
 #----------------------------------------------------------------------------
@@ -39,6 +39,17 @@ LOSS_WEIGHTS = {
 
 LOSS_TYPES = ('huber', 'l2', 'l2_root', 'pseudo_huber')
 SAMPLING_MODES = ('uniform', 'vp', 'edm')
+EDM_SAMPLING_P_MEAN, EDM_SAMPLING_P_STD = -1.2, 1.2  # the log-normal of sampling_mode='edm'
+
+
+def _refuse_unused(sampling_mode, **settings):
+    """Settings given explicitly for a sampling mode that does not read them are an error, not ignored."""
+    unused = dict(terminal_anchor=sampling_mode == 'uniform', P_mean=sampling_mode != 'edm', P_std=sampling_mode != 'edm')
+    for name, value in settings.items():
+        if value is not None and unused[name]:
+            raise dnnlib.UserError(f'consistency distillation: {name} has no effect with sampling_mode={sampling_mode!r}'
+                + (' (the terminal edge is drawn with probability 1/S there)' if name == 'terminal_anchor' else
+                '; only sampling_mode=\'edm\' draws log-normal noise levels'), option=name)
 
 
 def loss_weight(sigma, weight_mode, sigma_data=0.5):
@@ -182,7 +193,8 @@ class EDMConsistencyDistillLoss:
     """MSCD loss with the EDM2 loss interface: loss_fn(net, images, labels) -> per-sample loss.
 
     teacher_net:        frozen EDM2 denoiser D_T (kept in eval mode, requires_grad off, moved to the data's
-                        device on first use); None to attach it later.
+                        device on first use); None to load it from teacher_pkl in prepare(), or to attach it later.
+    teacher_pkl:        network pickle (path or URL) of the teacher; teacher_sha256, if given, pins its content.
     S:                  student steps, i.e. segments of the sigma axis.
     T_start, T_end:     target number of teacher edges (Heun hops of 2 evaluations) at the start and end of
                         the log-linear anneal over T_anneal_kimg thousand images (<= 0: T_end throughout).
@@ -193,25 +205,54 @@ class EDMConsistencyDistillLoss:
     weight_mode:        lambda(sigma_t), one of LOSS_WEIGHTS; sqrt_karras is 1/c_out(sigma_t).
     sampling_mode:      'uniform' (a uniform segment, then a uniform edge in it: the terminal edge gets 1/S),
                         'vp' (half-Cauchy density in sigma) or 'edm' (log-normal with P_mean, P_std).
-    terminal_anchor:    in vp/edm, give the terminal edge sigma_min -> 0 probability exactly 1/T_eff.
+    terminal_anchor:    in vp/edm, give the terminal edge sigma_min -> 0 probability exactly 1/T_eff (None: on).
     terminal_teacher_hop: terminal target D_T(x_t; sigma_min) instead of the clean latent.
+                        terminal_anchor, P_mean and P_std may be given only with the sampling modes that use them.
     sync_dropout:       give the no-grad target pass the same dropout masks as the student's pass.
     report_stats:       report CD/... diagnostics through torch_utils.training_stats.
 
+    As a training method (training/training_loop.py): prepare() loads and checks the teacher,
+    init_network() copies it into the student and freezes the uncertainty head, set_progress() drives
+    the anneal, snapshot_entries() gives student snapshots their 'cd' entry (and no loss object).
     Pickling drops the teacher and the grid caches; call attach_teacher() afterwards. For resuming,
     state_dict()/load_state_dict() carry only runtime state and refuse different hyperparameters.
     """
 
-    def __init__(self, teacher_net, S=8, T_start=256, T_end=1024, T_anneal_kimg=750, rho=7.0,
-            sigma_min=0.002, sigma_max=80.0, loss_type='pseudo_huber', weight_mode='sqrt_karras',
-            sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=True,
-            terminal_teacher_hop=False, P_mean=-1.2, P_std=1.2, huber_delta=1e-4, pseudo_huber_c=1e-4,
+    # Command-line options of --method=cd: option -> (constructor argument, type or choices, help).
+    OPTIONS = {
+        'teacher':              ('teacher_pkl', 'PKL', 'Distil this EDM2 network pickle (path or URL)'),
+        'S':                    ('S', int, 'Student sampling steps'),
+        'T_start':              ('T_start', int, 'Teacher ODE edges (Heun hops) at the start'),
+        'T_end':                ('T_end', int, 'Teacher ODE edges at the end of the anneal'),
+        'T_anneal_kimg':        ('T_anneal_kimg', float, 'Thousands of images over which T grows log-linearly'),
+        'rho':                  ('rho', float, 'Karras grid exponent'),
+        'sigma_min':            ('sigma_min', float, 'Lowest noise level of the grids'),
+        'sigma_max':            ('sigma_max', float, 'Highest noise level of the grids'),
+        'cd_loss':              ('loss_type', LOSS_TYPES, 'Distance between prediction and target'),
+        'cd_weight_mode':       ('weight_mode', tuple(LOSS_WEIGHTS), 'Per-sample weight of sigma_t'),
+        'sampling_mode':        ('sampling_mode', SAMPLING_MODES, 'How teacher edges are drawn (vp, edm: importance weights; uniform: per segment)'),
+        'cd_P_mean':            ('P_mean', float, f'Log-normal mean for --sampling_mode=edm [default: {EDM_SAMPLING_P_MEAN}]'),
+        'cd_P_std':             ('P_std', float, f'Log-normal std for --sampling_mode=edm [default: {EDM_SAMPLING_P_STD}]'),
+        'sync_dropout':         ('sync_dropout', bool, 'Same dropout masks for prediction and target'),
+        'terminal_anchor':      ('terminal_anchor', bool, 'Draw the sigma_min->0 edge with probability 1/T_eff (vp, edm) [default: on]'),
+        'terminal_teacher_hop': ('terminal_teacher_hop', bool, 'Terminal target is the teacher denoising at sigma_min instead of the data'),
+    }
+
+    def __init__(self, teacher_net=None, teacher_pkl=None, teacher_sha256=None, S=8, T_start=256, T_end=1024,
+            T_anneal_kimg=750, rho=7.0, sigma_min=0.002, sigma_max=80.0, loss_type='pseudo_huber',
+            weight_mode='sqrt_karras', sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=None,
+            terminal_teacher_hop=False, P_mean=None, P_std=None, huber_delta=1e-4, pseudo_huber_c=1e-4,
             report_stats=True):
+        _refuse_unused(sampling_mode, terminal_anchor=terminal_anchor, P_mean=P_mean, P_std=P_std)
+        self.teacher_pkl, self.teacher_sha256 = teacher_pkl, teacher_sha256
         self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), float(T_anneal_kimg)
         self.rho, self.sigma_min, self.sigma_max = float(rho), float(sigma_min), float(sigma_max)
         self.loss_type, self.weight_mode, self.sigma_data = loss_type, weight_mode, float(sigma_data)
-        self.sampling_mode, self.P_mean, self.P_std = sampling_mode, float(P_mean), float(P_std)
-        self.sync_dropout, self.terminal_anchor = bool(sync_dropout), bool(terminal_anchor)
+        self.sampling_mode = sampling_mode
+        self.P_mean = float(EDM_SAMPLING_P_MEAN if P_mean is None else P_mean)
+        self.P_std = float(EDM_SAMPLING_P_STD if P_std is None else P_std)
+        self.sync_dropout = bool(sync_dropout)
+        self.terminal_anchor = bool(sampling_mode != 'uniform' if terminal_anchor is None else terminal_anchor)
         self.terminal_teacher_hop = bool(terminal_teacher_hop)
         self.huber_delta, self.pseudo_huber_c = float(huber_delta), float(pseudo_huber_c)
         self.report_stats = bool(report_stats)
@@ -227,28 +268,25 @@ class EDMConsistencyDistillLoss:
             self.attach_teacher(teacher_net)
 
     def _validate(self):
-        def require(ok, what):
+        def require(ok, option, what):
             if not ok:
-                raise ValueError(f'EDMConsistencyDistillLoss: {what}')
-        require(self.S >= 1, f'S must be >= 1, got {self.S}')
-        require(self.T_start >= self.S, f'T_start must be >= S = {self.S} (at least 2*S recommended) so that '
-            f'every student segment holds a teacher edge, got T_start={self.T_start}')
-        require(self.T_end >= self.T_start, f'T_end must be >= T_start = {self.T_start}, got T_end={self.T_end}')
-        require(self.rho > 0, f'rho must be positive, got {self.rho}')
-        require(0 < self.sigma_min < self.sigma_max, f'expected 0 < sigma_min < sigma_max, '
+                raise dnnlib.UserError(f'consistency distillation: {what}', option=option)
+        require(self.S >= 1, 'S', f'S must be >= 1, got {self.S}')
+        require(self.T_start >= self.S, 'T_start', f'{self.T_start} teacher edges cannot cover {self.S} student steps; '
+            f'T_start must be >= S (2x recommended)')
+        require(self.T_end >= self.T_start, 'T_end', f'T_end must be >= T_start = {self.T_start}, got {self.T_end}')
+        require(self.rho > 0, 'rho', f'rho must be positive, got {self.rho}')
+        require(0 < self.sigma_min < self.sigma_max, 'sigma_min', f'expected 0 < sigma_min < sigma_max, '
             f'got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}')
-        require(self.sigma_data > 0, f'sigma_data must be positive, got {self.sigma_data}')
-        require(self.loss_type in LOSS_TYPES, f'loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}')
-        require(self.weight_mode in LOSS_WEIGHTS,
+        require(self.sigma_data > 0, 'sigma_data', f'sigma_data must be positive, got {self.sigma_data}')
+        require(self.loss_type in LOSS_TYPES, 'loss_type', f'loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}')
+        require(self.weight_mode in LOSS_WEIGHTS, 'weight_mode',
             f'weight_mode must be one of {tuple(LOSS_WEIGHTS)}, got {self.weight_mode!r}')
-        require(self.sampling_mode in SAMPLING_MODES,
+        require(self.sampling_mode in SAMPLING_MODES, 'sampling_mode',
             f'sampling_mode must be one of {SAMPLING_MODES}, got {self.sampling_mode!r}')
-        require(self.P_std > 0, f'P_std must be positive, got {self.P_std}')
-        require(self.huber_delta > 0, f'huber_delta must be positive, got {self.huber_delta}')
-        require(self.pseudo_huber_c >= 0, f'pseudo_huber_c must be >= 0, got {self.pseudo_huber_c}')
-        if self.terminal_anchor and self.sampling_mode == 'uniform':
-            warnings.warn('EDMConsistencyDistillLoss: terminal_anchor has no effect with sampling_mode=uniform, '
-                'where the terminal edge is drawn with probability 1/S')
+        require(self.P_std > 0, 'P_std', f'P_std must be positive, got {self.P_std}')
+        require(self.huber_delta > 0, 'huber_delta', f'huber_delta must be positive, got {self.huber_delta}')
+        require(self.pseudo_huber_c >= 0, 'pseudo_huber_c', f'pseudo_huber_c must be >= 0, got {self.pseudo_huber_c}')
 
     def hyperparameters(self):
         """The settings that define the objective; a resumed run must use the same ones."""
@@ -265,6 +303,49 @@ class EDMConsistencyDistillLoss:
         self.teacher_net = teacher_net.eval().requires_grad_(False)
         return self
 
+    #------------------------------------------------------------------------
+    # The training-method hooks (training/training_loop.py).
+
+    def prepare(self, encoder, latent_shape, label_dim, device):
+        """Load the teacher from teacher_pkl (unless attached), check its content and its fit to the data."""
+        if self.teacher_pkl is not None:
+            teacher = pretrained.load(self.teacher_pkl, option='--teacher')
+            if self.teacher_sha256 is not None and teacher.sha256 != self.teacher_sha256:
+                raise dnnlib.UserError(f'--teacher: {self.teacher_pkl} is not the file this run distils: its SHA-256 is '
+                    f'{teacher.sha256}, the run was started with {self.teacher_sha256}', option='teacher_sha256')
+            self.teacher_sha256 = teacher.sha256
+            pretrained.check_against_data(teacher.net, teacher.encoder, encoder, latent_shape, label_dim)
+            self.attach_teacher(teacher.net)
+        elif self.teacher_net is None:
+            raise dnnlib.UserError('consistency distillation needs a teacher network pickle (--teacher=PKL)',
+                option='teacher_pkl')
+        else:
+            pretrained.check_against_data(self.teacher_net, None, encoder, latent_shape, label_dim)
+        self.teacher_net.to(device)
+
+    def pinned_kwargs(self):
+        """Constructor arguments that make a later run use exactly this teacher file."""
+        return dict(teacher_sha256=self.teacher_sha256) if self.teacher_pkl is not None else {}
+
+    def architecture(self):
+        """The student's architecture: the teacher's."""
+        return pretrained.network_kwargs(self._teacher())
+
+    def init_network(self, net):
+        """Start the student from the teacher's weights; the uncertainty head gets no gradient in CD."""
+        pretrained.copy_weights(net, self._teacher())
+        pretrained.freeze_parameters(net, ['logvar_linear'])
+
+    def set_progress(self, cur_nimg):
+        """Set the training progress (images seen so far), which drives the T anneal."""
+        self.progress_kimg = cur_nimg / 1e3
+
+    def snapshot_entries(self):
+        """The 'cd' entry of student snapshots: what generate_images.py needs to sample in S steps."""
+        return dict(cd=dnnlib.EasyDict(S=self.S, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
+            student_sigmas=self.student_sigmas().tolist(), teacher=str(self.teacher_pkl),
+            loss_kwargs=self.hyperparameters()))
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state.update(teacher_net=None, _grid_cache=dict(), _device_grids=None, _student_grid=None)
@@ -280,28 +361,28 @@ class EDMConsistencyDistillLoss:
         differing = [f'{name}: checkpoint {saved.get(name, "<missing>")!r}, now {current.get(name, "<missing>")!r}'
             for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
         if differing:
-            raise ValueError('The checkpoint was trained with different consistency-distillation settings; '
+            raise dnnlib.UserError('The training state was made with other consistency-distillation settings; '
                 'resume with the same ones or start a new run. Differences: ' + '; '.join(differing))
         self.progress_kimg = float(state['progress_kimg'])
         self.edge_counts = dnnlib.EasyDict(state['edge_counts'])
 
-    def _teacher_on(self, device):
+    def _teacher(self):
         if self.teacher_net is None:
             raise RuntimeError('EDMConsistencyDistillLoss has no teacher (pickling drops it); '
-                'call attach_teacher(teacher_net) first')
+                'call prepare() or attach_teacher(teacher_net) first')
         if self.teacher_net.training:
             raise RuntimeError('The consistency-distillation teacher must stay in eval mode: a training-mode '
                 'forward of an EDM2 network rewrites its weights')
-        if _module_device(self.teacher_net, device) != device:
-            self.teacher_net.to(device)
         return self.teacher_net
+
+    def _teacher_on(self, device):
+        teacher = self._teacher()
+        if _module_device(teacher, device) != device:
+            teacher.to(device)
+        return teacher
 
     #------------------------------------------------------------------------
     # Annealing and grids (docs/algorithm.md §4, §10).
-
-    def set_global_kimg(self, kimg):
-        """Set the training progress, in thousands of images seen so far, that drives the T anneal."""
-        self.progress_kimg = float(kimg)
 
     def current_teacher_edges(self):
         """Annealed target T for the current progress (the grid may hold T_eff = T + 1 edges)."""
