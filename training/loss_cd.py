@@ -437,7 +437,7 @@ class EDMConsistencyDistillLoss:
     def loss_from_edges(self, net, images, labels, edges, noise):
         """Deterministic core of __call__ for given edges (sampler dict) and noise eps of x_t = images + sigma_t*eps."""
         device = images.device
-        teacher, student = self._teacher_on(device), _unwrap(net)
+        student = _unwrap(net)
         sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
         sigma_s_eff, sigma_ref = edge_targets(edges, sigma_s, sigma_bdry)
         rows, counts = _classify_rows(dict(edges, sigma_t=sigma_t, sigma_s=sigma_s, sigma_bdry=sigma_bdry),
@@ -445,16 +445,16 @@ class EDMConsistencyDistillLoss:
         pick = lambda tensor, name: None if tensor is None else tensor[rows[name]]
 
         # x_ref becomes the point at sigma_ref that the target's DDIM step must reach: the clean latent
-        # on terminal rows, and on the others the teacher's x_s (general rows: until the student's push).
+        # on terminal rows, and on the others the ODE hop's x_s (general rows: until the student's push).
         x_ref = images.to(torch.float64, copy=True)
         x_t = x_ref + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
         if len(rows['non_terminal']):
-            x_ref[rows['non_terminal']] = consistency_ops.heun_hop_edm(teacher, pick(x_t, 'non_terminal'),
-                pick(sigma_t, 'non_terminal'), pick(sigma_s_eff, 'non_terminal'), pick(labels, 'non_terminal'),
-                check=False)
+            x_ref[rows['non_terminal']] = self.ode_hop(pick(x_t, 'non_terminal'), pick(sigma_t, 'non_terminal'),
+                pick(sigma_s_eff, 'non_terminal'), pick(labels, 'non_terminal'), pick(x_ref, 'non_terminal'),
+                pick(noise, 'non_terminal'))
         if self.terminal_teacher_hop and counts['terminal']:
             with torch.no_grad():
-                x_ref[rows['terminal']] = teacher(pick(x_t, 'terminal').to(torch.float32),
+                x_ref[rows['terminal']] = self._teacher_on(device)(pick(x_t, 'terminal').to(torch.float32),
                     pick(sigma_t, 'terminal'), pick(labels, 'terminal')).to(torch.float64)
 
         dropout = _has_active_dropout(student)
@@ -484,6 +484,11 @@ class EDMConsistencyDistillLoss:
             delta, self.loss_type, self.huber_delta, self.pseudo_huber_c)
         self._record(edges, sigma_t, sigma_s_eff, sigma_bdry, sigma_ref, delta, rows, counts)
         return loss
+
+    def ode_hop(self, x_t, sigma_t, sigma_s, labels, images, noise):
+        """x at sigma_s on the probability-flow ODE through x_t = images + sigma_t * noise (float64 rows):
+        here one Heun step of the teacher (docs/algorithm.md §8.1)."""
+        return consistency_ops.heun_hop_edm(self._teacher_on(x_t.device), x_t, sigma_t, sigma_s, labels, check=False)
 
     @staticmethod
     def _general_student_pass(student, x_s, sigma_s, labels, eval_mode):

@@ -193,24 +193,29 @@ class NonFiniteSteps:
         self.current = (self.current + 1) * bad
         self.longest = torch.maximum(self.longest, self.current)
 
-    def check(self, limit, cur_nimg):
+    def check(self, limit, cur_nimg, last_state):
         """Raise TrainingDiverged once `limit` consecutive steps were bad (on any rank)."""
         longest = self.longest.clone()
         if dist.get_world_size() > 1:
             torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
         if limit and int(longest) >= limit:
             raise TrainingDiverged(f'Training stopped at {cur_nimg // 1000} kimg: {int(longest)} optimizer steps in a row '
-                'had NaN/Inf losses or gradients. Nothing was saved after the last training state; lower the learning '
-                'rate or check the data, then rerun to resume from that state')
+                f'had NaN/Inf losses or gradients; lower the learning rate or check the data. {_resume_point(last_state)}')
 
 
-def check_finite_parameters(net, cur_nimg):
+def _resume_point(last_state):
+    if last_state is None:
+        return 'No training state was saved yet, so rerunning starts afresh'
+    return f'Nothing was saved after {os.path.basename(last_state)}, where a rerun resumes'
+
+
+def check_finite_parameters(net, cur_nimg, last_state):
     """Refuse to save weights that are no longer finite."""
     finite = torch.stack([torch.isfinite(param).all() for param in net.parameters()])
     if not bool(finite.all()):
         name = [name for (name, _), ok in zip(net.named_parameters(), finite.tolist()) if not ok][0]
         raise TrainingDiverged(f'Training stopped at {cur_nimg // 1000} kimg: the network weights became NaN/Inf '
-            f'(first: {name}); nothing was saved after the last training state')
+            f'(first: {name}). {_resume_point(last_state)}')
 
 #----------------------------------------------------------------------------
 # Network snapshots: one pickle per EMA profile, with the network in float16 on the CPU.
@@ -467,9 +472,12 @@ def training_loop(
     dist.print0(f'Training from {start_nimg // 1000} kimg to {stop_at_nimg // 1000} kimg:')
     dist.print0()
 
+    last_state = resumed_from
     def save_training_state():
+        nonlocal last_state
         state.log_bytes = _file_size(os.path.join(run_dir, 'log.txt'))  # where the log resumes from
-        checkpoint.save(os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt'))
+        last_state = os.path.join(run_dir, f'training-state-{state.cur_nimg // 1000:07d}.pt')
+        checkpoint.save(last_state)
         if checkpoint_keep_recent is not None and rank == 0:
             dist.remove_old_checkpoints(run_dir, keep=checkpoint_keep_recent)
 
@@ -492,9 +500,9 @@ def training_loop(
         is_snapshot = snapshot_nimg and state.cur_nimg % snapshot_nimg == 0 and not at_resumed_start
         is_checkpoint = checkpoint_nimg and (done or state.cur_nimg % checkpoint_nimg == 0) and state.cur_nimg != start_nimg
         if is_status or is_snapshot or is_checkpoint or done:
-            nonfinite.check(max_nonfinite_steps, state.cur_nimg)
+            nonfinite.check(max_nonfinite_steps, state.cur_nimg, last_state)
         if is_snapshot or is_checkpoint:
-            check_finite_parameters(net, state.cur_nimg)
+            check_finite_parameters(net, state.cur_nimg, last_state)
         if is_snapshot and rank == 0:
             _save_snapshots(run_dir, state.cur_nimg, ema, net, encoder, dataset_kwargs, loss_fn)
         if is_checkpoint:
