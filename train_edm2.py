@@ -25,6 +25,7 @@ from training import training_loop
 METHODS = {
     'edm2': 'training.training_loop.EDM2Loss',
     'cd':   'training.loss_cd.EDMConsistencyDistillLoss',
+    'ct':   'training.loss_ct.ConsistencyTrainingLoss',
 }
 
 #----------------------------------------------------------------------------
@@ -66,15 +67,23 @@ LOOP_OPTIONS = dict(batch_size='--batch', batch_gpu='--batch-gpu', total_nimg='-
 #----------------------------------------------------------------------------
 # Command-line options of the methods, gathered from their OPTIONS tables.
 
+def _constructor_default(cls, kwarg):
+    """The default of constructor argument `kwarg`, also when a subclass passes it on to a base class."""
+    for klass in cls.__mro__:
+        parameters = inspect.signature(klass.__init__).parameters if '__init__' in vars(klass) else {}
+        if kwarg in parameters:
+            return parameters[kwarg].default
+    raise TypeError(f'{cls.__name__} takes no constructor argument {kwarg!r}')
+
+
 def _method_options():
     """option -> EasyDict(methods, kwarg, kind, help, default) over all METHODS."""
     options = {}
     for method, class_name in METHODS.items():
         cls = dnnlib.util.get_obj_by_name(class_name)
-        defaults = inspect.signature(cls).parameters
         for name, (kwarg, kind, help) in cls.OPTIONS.items():
             spec = options.setdefault(name, dnnlib.EasyDict(methods=[], kwarg=kwarg, kind=kind, help=help,
-                default=defaults[kwarg].default))
+                default=_constructor_default(cls, kwarg)))
             if (spec.kwarg, spec.kind) != (kwarg, kind):
                 raise TypeError(f'methods {spec.methods} and {method} declare option --{name} differently')
             spec.methods.append(method)

@@ -222,15 +222,15 @@ class EDMConsistencyDistillLoss:
     OPTIONS = {
         'teacher':              ('teacher_pkl', 'PKL', 'Distil this EDM2 network pickle (path or URL)'),
         'S':                    ('S', int, 'Student sampling steps'),
-        'T_start':              ('T_start', int, 'Teacher ODE edges (Heun hops) at the start'),
-        'T_end':                ('T_end', int, 'Teacher ODE edges at the end of the anneal'),
+        'T_start':              ('T_start', int, 'ODE edges (in CD, teacher Heun hops) of the fine grid at the start'),
+        'T_end':                ('T_end', int, 'ODE edges of the fine grid at the end of the anneal'),
         'T_anneal_kimg':        ('T_anneal_kimg', float, 'Thousands of images over which T grows log-linearly'),
         'rho':                  ('rho', float, 'Karras grid exponent'),
         'sigma_min':            ('sigma_min', float, 'Lowest noise level of the grids'),
         'sigma_max':            ('sigma_max', float, 'Highest noise level of the grids'),
         'cd_loss':              ('loss_type', LOSS_TYPES, 'Distance between prediction and target'),
         'cd_weight_mode':       ('weight_mode', tuple(LOSS_WEIGHTS), 'Per-sample weight of sigma_t'),
-        'sampling_mode':        ('sampling_mode', SAMPLING_MODES, 'How teacher edges are drawn (vp, edm: importance weights; uniform: per segment)'),
+        'sampling_mode':        ('sampling_mode', SAMPLING_MODES, 'How edges are drawn (vp, edm: importance weights; uniform: per segment)'),
         'cd_P_mean':            ('P_mean', float, f'Log-normal mean for --sampling_mode=edm [default: {EDM_SAMPLING_P_MEAN}]'),
         'cd_P_std':             ('P_std', float, f'Log-normal std for --sampling_mode=edm [default: {EDM_SAMPLING_P_STD}]'),
         'sync_dropout':         ('sync_dropout', bool, 'Same dropout masks for prediction and target'),
@@ -419,12 +419,14 @@ class EDMConsistencyDistillLoss:
 
     def __call__(self, net, images, labels=None):
         """Per-sample loss ([N,1,1,1]) or per-element loss ([N,C,H,W]) for huber/l2, as the training loop sums it."""
-        T = self.current_teacher_edges()
-        grids = self.grids(T, images.device)
-        edges, noise = self.draw_edges(images, grids)
-        if self.report_stats:
-            training_stats.report('CD/T_target', T)
-            training_stats.report('CD/T_edges', grids.T_eff)
+        with torch.profiler.record_function('cd/draw_edges'):
+            T = self.current_teacher_edges()
+            grids = self.grids(T, images.device)
+            edges, noise = self.draw_edges(images, grids)
+        with torch.profiler.record_function('cd/diagnostics'):
+            if self.report_stats:
+                training_stats.report('CD/T_target', T)
+                training_stats.report('CD/T_edges', grids.T_eff)
         return self.loss_from_edges(net, images, labels, edges, noise)
 
     def draw_edges(self, images, grids):
@@ -436,33 +438,38 @@ class EDMConsistencyDistillLoss:
 
     def loss_from_edges(self, net, images, labels, edges, noise):
         """Deterministic core of __call__ for given edges (sampler dict) and noise eps of x_t = images + sigma_t*eps."""
+        # The named ranges label the parts of the loss in torch.profiler traces (bench/bench_cd.py sums
+        # them); without an active profiler they cost about a microsecond each and change no value.
         device = images.device
         student = _unwrap(net)
-        sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
-        sigma_s_eff, sigma_ref = edge_targets(edges, sigma_s, sigma_bdry)
-        rows, counts = _classify_rows(dict(edges, sigma_t=sigma_t, sigma_s=sigma_s, sigma_bdry=sigma_bdry),
-            self.student_sigmas(device), sigma_s_eff, sigma_ref)
-        pick = lambda tensor, name: None if tensor is None else tensor[rows[name]]
+        with torch.profiler.record_function('cd/classify_edges'):
+            sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
+            sigma_s_eff, sigma_ref = edge_targets(edges, sigma_s, sigma_bdry)
+            rows, counts = _classify_rows(dict(edges, sigma_t=sigma_t, sigma_s=sigma_s, sigma_bdry=sigma_bdry),
+                self.student_sigmas(device), sigma_s_eff, sigma_ref)
+            pick = lambda tensor, name: None if tensor is None else tensor[rows[name]]
 
-        # x_ref becomes the point at sigma_ref that the target's DDIM step must reach: the clean latent
-        # on terminal rows, and on the others the ODE hop's x_s (general rows: until the student's push).
-        x_ref = images.to(torch.float64, copy=True)
-        x_t = x_ref + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
+            # x_ref becomes the point at sigma_ref that the target's DDIM step must reach: the clean latent
+            # on terminal rows, and on the others the ODE hop's x_s (general rows: until the student's push).
+            x_ref = images.to(torch.float64, copy=True)
+            x_t = x_ref + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
         if len(rows['non_terminal']):
-            x_ref[rows['non_terminal']] = self.ode_hop(pick(x_t, 'non_terminal'), pick(sigma_t, 'non_terminal'),
-                pick(sigma_s_eff, 'non_terminal'), pick(labels, 'non_terminal'), pick(x_ref, 'non_terminal'),
-                pick(noise, 'non_terminal'))
+            with torch.profiler.record_function('cd/teacher_hop'):
+                x_ref[rows['non_terminal']] = self.ode_hop(pick(x_t, 'non_terminal'), pick(sigma_t, 'non_terminal'),
+                    pick(sigma_s_eff, 'non_terminal'), pick(labels, 'non_terminal'), pick(x_ref, 'non_terminal'),
+                    pick(noise, 'non_terminal'))
         if self.terminal_teacher_hop and counts['terminal']:
-            with torch.no_grad():
+            with torch.no_grad(), torch.profiler.record_function('cd/terminal_teacher'):
                 x_ref[rows['terminal']] = self._teacher_on(device)(pick(x_t, 'terminal').to(torch.float32),
                     pick(sigma_t, 'terminal'), pick(labels, 'terminal')).to(torch.float64)
 
-        dropout = _has_active_dropout(student)
-        rng_device = _module_device(student, device)
-        rng_state = device_rng_state(rng_device) if dropout and self.sync_dropout else None
-        x_hat_t = net(x_t.to(torch.float32), sigma_t.reshape(-1, 1, 1, 1), labels).to(torch.float32)
+        with torch.profiler.record_function('cd/student_forward'):
+            dropout = _has_active_dropout(student)
+            rng_device = _module_device(student, device)
+            rng_state = device_rng_state(rng_device) if dropout and self.sync_dropout else None
+            x_hat_t = net(x_t.to(torch.float32), sigma_t.reshape(-1, 1, 1, 1), labels).to(torch.float32)
 
-        with torch.no_grad():
+        with torch.no_grad(), torch.profiler.record_function('cd/target_pass'):
             if counts['general']:
                 if rng_state is not None:
                     # A dropout mask spans the whole batch tensor, so rows line up only in a same-shaped
@@ -479,10 +486,12 @@ class EDMConsistencyDistillLoss:
                     pick(sigma_s_eff, 'general'), pick(sigma_bdry, 'general'), check=False)
             target = consistency_ops.inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref, check=False).to(torch.float32)
 
-        delta = x_hat_t - target
-        loss = loss_weight(sigma_t, self.weight_mode, self.sigma_data) * consistency_distance(
-            delta, self.loss_type, self.huber_delta, self.pseudo_huber_c)
-        self._record(edges, sigma_t, sigma_s_eff, sigma_bdry, sigma_ref, delta, rows, counts)
+        with torch.profiler.record_function('cd/distance'):
+            delta = x_hat_t - target
+            loss = loss_weight(sigma_t, self.weight_mode, self.sigma_data) * consistency_distance(
+                delta, self.loss_type, self.huber_delta, self.pseudo_huber_c)
+        with torch.profiler.record_function('cd/diagnostics'):
+            self._record(edges, sigma_t, sigma_s_eff, sigma_bdry, sigma_ref, delta, rows, counts)
         return loss
 
     def ode_hop(self, x_t, sigma_t, sigma_s, labels, images, noise):

@@ -286,25 +286,27 @@ def _stats_row_kimg(line):
         return float('inf')  # a row cut short by a kill is dropped
 
 
-def _rewind_logs(run_dir, state, session_log_start):
-    """After a resume, drop what the interrupted session logged after the training state: stats.jsonl
-    rows past it are removed, and log.txt lines past it move to log-discarded.txt."""
+def _rewind_logs(run_dir, state, session_log_start, resumed):
+    """Drop what interrupted sessions logged after the training state this session starts from (or
+    after the start, when there is none): stats.jsonl rows past it are removed, and log.txt lines past
+    it move to log-discarded.txt."""
     stats_path = os.path.join(run_dir, 'stats.jsonl')
     if os.path.isfile(stats_path):
         with open(stats_path) as f:
             lines = f.readlines()
-        kept = [line for line in lines if _stats_row_kimg(line) <= state.cur_nimg / 1e3 + 1e-6]
+        last_kept = state.cur_nimg / 1e3 + 1e-6 if resumed else -1  # a fresh start rewrites the row at 0
+        kept = [line for line in lines if _stats_row_kimg(line) <= last_kept]
         if len(kept) != len(lines):
             dist.write_file_atomically(stats_path, lambda f: f.write(''.join(kept).encode()))
     log_path = os.path.join(run_dir, 'log.txt')
-    log_bytes = state.get('log_bytes')
+    log_bytes = state.get('log_bytes') if resumed else 0
     if log_bytes is None or not log_bytes < session_log_start <= _file_size(log_path):
         return
     # The log is open for appending (dnnlib.util.Logger), so it is cut in place and this session's lines re-added.
     with open(log_path, 'rb') as f:
         content = f.read()
     with open(os.path.join(run_dir, 'log-discarded.txt'), 'ab') as f:
-        f.write(f'--- Logged after training-state at {state.cur_nimg // 1000} kimg by an interrupted session, '
+        f.write(f'--- Logged after {state.cur_nimg // 1000} kimg (where this run resumed) by an interrupted session, '
             'removed from log.txt when the run resumed ---\n'.encode() + content[log_bytes:session_log_start])
     os.truncate(log_path, log_bytes)
     with open(log_path, 'ab') as f:
@@ -458,8 +460,8 @@ def training_loop(
     dist.check_same_on_all_ranks(resumed_from and os.path.basename(resumed_from), lambda names: (
         f'The processes found different training states to resume from in {run_dir} (per rank: {names}); '
         'on several machines the run directory must be on a filesystem that all of them share'))
-    if resumed_from is not None and rank == 0:
-        _rewind_logs(run_dir, state, session_log_start)
+    if rank == 0:
+        _rewind_logs(run_dir, state, session_log_start, resumed=resumed_from is not None)
     start_nimg = state.cur_nimg
     stop_at_nimg = _stop_point(start_nimg, total_nimg, slice_nimg, checkpoint_nimg or snapshot_nimg or batch_size)
     if start_nimg >= stop_at_nimg:

@@ -1,0 +1,187 @@
+"""Nothing silent, nothing lost: runs killed at random moments resume to the same result, a second
+process on a run directory is refused, diverging runs stop, and bad inputs are one-line errors."""
+
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from test_cd_train import make_teacher
+from test_training_loop import write_image_zip
+from torch_utils import distributed as dist
+
+#----------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def safety_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp('safety')
+    write_image_zip(root / 'd16.zip', 64, 16)
+    make_teacher(root / 'teacher.pkl', label_dim=0)
+    return root
+
+
+CD_ARGS = ['--preset=cd-tiny-img16', '--cond=False', '--batch=16', '--duration=3Ki', '--status=512', '--snapshot=1Ki',
+    '--checkpoint=1Ki']
+
+
+def train_cmd(root, outdir, *extra):
+    return [sys.executable, 'train_edm2.py', f'--outdir={outdir}', f'--data={root / "d16.zip"}',
+        f'--teacher={root / "teacher.pkl"}', *CD_ARGS, *extra]
+
+
+def run_until(cmd, repo_root, env, trigger):
+    """Run cmd; SIGKILL it once training has begun and its later output contains `trigger` (a string),
+    or `trigger` seconds after training began. Returns (killed, output)."""
+    proc = subprocess.Popen(cmd, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0)
+    os.set_blocking(proc.stdout.fileno(), False)
+    output, began = b'', None
+    while proc.poll() is None:
+        output += proc.stdout.read() or b''
+        text = output.decode(errors='replace')
+        if began is None and 'Training from' in text:
+            began = time.time()
+        after = text.split('Training from', 1)[-1] if began is not None else None
+        if after is not None and ((trigger in after) if isinstance(trigger, str) else (time.time() - began > trigger)):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True, text
+        time.sleep(0.002)
+    output += proc.stdout.read() or b''
+    assert proc.returncode == 0, output.decode(errors='replace')[-3000:]
+    return False, output.decode(errors='replace')
+
+
+def stats_rows(run_dir):
+    return [json.loads(line) for line in open(run_dir / 'stats.jsonl')]
+
+
+@pytest.mark.slow
+def test_kills_at_random_moments_resume_to_the_uninterrupted_result(safety_dir, repo_root, subprocess_env):
+    root = safety_dir
+    run_until(train_cmd(root, root / 'straight'), repo_root, subprocess_env, trigger=float('inf'))
+
+    # Kills while saving a training state, while saving snapshots, after a status line, and at random times.
+    rng = random.Random(1)
+    triggers = ['Saving ' + str(root / 'killed' / 'training-state-0000001.pt'), rng.uniform(0.2, 1.5),
+        'Saving ' + str(root / 'killed' / 'network-snapshot-0000002-0.050.pkl'), 'Status: kimg', rng.uniform(0.2, 1.5),
+        'Saving ' + str(root / 'killed' / 'training-state-0000003.pt')]
+    kills = 0
+    for trigger in triggers:
+        killed, _ = run_until(train_cmd(root, root / 'killed'), repo_root, subprocess_env, trigger)
+        kills += killed
+        if not killed:
+            break
+    if killed:
+        run_until(train_cmd(root, root / 'killed'), repo_root, subprocess_env, trigger=float('inf'))
+    assert kills >= 5
+
+    straight = torch.load(root / 'straight' / 'training-state-0000003.pt', weights_only=False)
+    resumed = torch.load(root / 'killed' / 'training-state-0000003.pt', weights_only=False)
+    for name, value in straight['net'].items():
+        assert torch.equal(resumed['net'][name], value), name
+    for ema_a, ema_b in zip(straight['ema']['emas'], resumed['ema']['emas']):
+        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    for index, slots in straight['optimizer']['state'].items():
+        assert all(torch.equal(resumed['optimizer']['state'][index][key], value) for key, value in slots.items())
+    assert straight['loss_fn'] == resumed['loss_fn']
+    with open(root / 'straight' / 'network-snapshot-0000003-0.100.pkl', 'rb') as f:
+        snapshot_a = pickle.load(f)['ema']
+    with open(root / 'killed' / 'network-snapshot-0000003-0.100.pkl', 'rb') as f:
+        snapshot_b = pickle.load(f)['ema']
+    assert all(torch.equal(a, b) for a, b in zip(snapshot_a.state_dict().values(), snapshot_b.state_dict().values()))
+
+    # No temporary files, no repeated statistics, and the log tells one story.
+    assert not [name for name in os.listdir(root / 'killed') if name.endswith('.tmp')]
+    rows_a, rows_b = stats_rows(root / 'straight'), stats_rows(root / 'killed')
+    assert [row['Progress/kimg'] for row in rows_b] == [row['Progress/kimg'] for row in rows_a]
+    assert [row.get('Loss/loss') for row in rows_b] == [row.get('Loss/loss') for row in rows_a]
+    status = [line.split()[2] for line in open(root / 'killed' / 'log.txt') if line.startswith('Status: ')]
+    assert status == sorted(set(status), key=float)
+    assert (root / 'killed' / 'log-discarded.txt').is_file()
+
+
+@pytest.mark.slow
+def test_second_process_on_a_run_directory_is_refused(safety_dir, repo_root, subprocess_env):
+    root = safety_dir
+    first = subprocess.Popen(train_cmd(root, root / 'busy', '--duration=1Gi'), cwd=repo_root, env=subprocess_env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith('Training from'):
+                break
+        second = subprocess.run(train_cmd(root, root / 'busy', '--duration=1Gi'), cwd=repo_root, env=subprocess_env,
+            capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1
+        assert f'is in use by process {first.pid}' in second.stderr and 'Traceback' not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    # The lock dies with its process: the run resumes at once.
+    resumed = subprocess.run(train_cmd(root, root / 'busy', '--duration=1Ki'), cwd=repo_root, env=subprocess_env,
+        capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+def test_run_directory_lock_is_exclusive(tmp_path):
+    held = dist.RunDirectoryLock(str(tmp_path))
+    with pytest.raises(ValueError, match=f'in use by process {os.getpid()}'):
+        dist.RunDirectoryLock(str(tmp_path))
+    held.file.close()  # what process exit does
+    dist.RunDirectoryLock(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_without_saving_nan(safety_dir, tmp_path, repo_root, subprocess_env):
+    cmd = [sys.executable, 'train_edm2.py', f'--outdir={tmp_path / "run"}', f'--data={safety_dir / "d16.zip"}',
+        '--cond=False', '--preset=tiny-img16', '--channels=8', '--duration=4Ki', '--status=256', '--snapshot=1Ki',
+        '--checkpoint=1Ki', '--lr=1e30']
+    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr  # the run's log takes stderr too
+    assert result.returncode == 1 and 'Traceback' not in output
+    assert 'optimizer steps in a row had NaN/Inf losses or gradients' in output.strip().splitlines()[-1]
+    assert 'Warning:' in output and 'NaN/Inf' in (tmp_path / 'run' / 'log.txt').read_text()
+    saved = sorted(name for name in os.listdir(tmp_path / 'run') if name.endswith(('.pt', '.pkl')))
+    assert saved == ['network-snapshot-0000000-0.050.pkl', 'network-snapshot-0000000-0.100.pkl']  # from before step 1
+
+
+@pytest.mark.parametrize('problem', ['nan_teacher', 'plain_run_as_cd', 'outdir_is_a_file', 'zero_byte_teacher'])
+def test_bad_inputs_are_one_line_errors(problem, safety_dir, tmp_path, repo_root, subprocess_env):
+    outdir = tmp_path / 'run'
+    cmd = train_cmd(safety_dir, outdir, '--duration=1Ki')
+    if problem == 'nan_teacher':
+        teacher = make_teacher(tmp_path / 'nan.pkl', label_dim=0)
+        with torch.no_grad():
+            teacher.unet.enc['16x16_block0'].conv_res1.weight[0, 0, 0, 0] = float('nan')
+        with open(tmp_path / 'nan.pkl', 'wb') as f:
+            pickle.dump(dict(ema=teacher), f)
+        cmd.append(f'--teacher={tmp_path / "nan.pkl"}')
+        expected = 'holds non-finite values (NaN or inf) in unet.enc.16x16_block0.conv_res1.weight'
+    elif problem == 'plain_run_as_cd':
+        plain = [sys.executable, 'train_edm2.py', f'--outdir={outdir}', f'--data={safety_dir / "d16.zip"}', '--cond=False',
+            '--preset=tiny-img16', '--channels=16', '--duration=64', '--snapshot=0', '--checkpoint=1Ki']
+        assert subprocess.run(plain, cwd=repo_root, env=subprocess_env, capture_output=True).returncode == 0
+        shutil.copy(outdir / 'log.txt', tmp_path / 'log-before.txt')
+        expected = "loss_kwargs.class_name: run 'training.training_loop.EDM2Loss', now 'training.loss_cd.EDMConsistencyDistillLoss'"
+    elif problem == 'outdir_is_a_file':
+        outdir.write_text('not a directory')
+        expected = 'is a file; expected a run directory'
+    else:
+        (tmp_path / 'empty.pkl').write_bytes(b'')
+        cmd.append(f'--teacher={tmp_path / "empty.pkl"}')
+        expected = 'is empty or truncated'
+    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode in (1, 2) and 'Traceback' not in output
+    assert expected in output.strip().splitlines()[-1], output[-2000:]
+    if problem in ('nan_teacher', 'zero_byte_teacher'):
+        assert not outdir.exists()  # the run directory is made only for a run that can start
+    if problem == 'plain_run_as_cd':
+        assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == ['training-state-0000000.pt']
