@@ -439,7 +439,8 @@ class EDMConsistencyDistillLoss:
     def loss_from_edges(self, net, images, labels, edges, noise):
         """Deterministic core of __call__ for given edges (sampler dict) and noise eps of x_t = images + sigma_t*eps."""
         # The named ranges label the parts of the loss in torch.profiler traces (bench/bench_cd.py sums
-        # them); without an active profiler they cost about a microsecond each and change no value.
+        # them). They change no value or random draw; with no profiler active each costs a few
+        # microseconds of host time.
         device = images.device
         student = _unwrap(net)
         with torch.profiler.record_function('cd/classify_edges'):
