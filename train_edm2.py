@@ -26,6 +26,7 @@ METHODS = {
     'edm2': 'training.training_loop.EDM2Loss',
     'cd':   'training.loss_cd.EDMConsistencyDistillLoss',
     'ct':   'training.loss_ct.ConsistencyTrainingLoss',
+    'cdm': 'training.loss_cdm.CDMLoss',
 }
 
 #----------------------------------------------------------------------------

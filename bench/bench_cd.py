@@ -3,7 +3,8 @@
 In one run on one network architecture and one batch, this times
   * a plain EDM2 training step (EDM2Loss forward, backward, Adam) on a train-mode network,
   * a CD training step (EDMConsistencyDistillLoss with a frozen eval-mode teacher and a student
-    seeded from it; forward, backward, Adam), with a breakdown of where its time goes,
+    seeded from it; forward, backward, Adam), with a breakdown of where its time goes, read from
+    the named torch.profiler ranges inside the loss during a few profiled steps,
   * generate_images.consistency_sampler against S bare network evaluations of the same batch,
 and the peak memory of both training steps. docs/benchmarks.md explains each measurement.
 
@@ -18,6 +19,7 @@ import re
 import statistics
 import sys
 import time
+import warnings
 
 import click
 import torch
@@ -28,7 +30,6 @@ import dnnlib
 import generate_images
 from torch_utils import misc
 from torch_utils import training_stats
-from training import consistency_ops
 from training import loss_cd
 from training import training_loop
 from training.networks_edm2 import Precond, suppress_inplace_weight_norm
@@ -84,8 +85,9 @@ def training_step(net, loss_fn, optimizer, images, labels, seed, cur_nimg):
     loss = loss_fn(net=net, images=images, labels=labels)
     training_stats.report('Loss/loss', loss)
     (loss.sum() / images.shape[0]).backward()
-    training_loop.sanitize_gradients(net.parameters())
-    optimizer.step()
+    with torch.profiler.record_function('bench/optimizer'):
+        training_loop.sanitize_gradients(net.parameters())
+        optimizer.step()
 
 
 def plain_step(setup, seed, cur_nimg):
@@ -112,77 +114,9 @@ def timed(device, fn):
     return result, time.perf_counter() - start
 
 
-def draw_edges(setup, seed, cur_nimg):
-    """The edges and noise the CD loss draws in the training step at cur_nimg (same reseed, same draw)."""
-    loss = setup.cd_loss
-    misc.set_random_seed(seed, 0, cur_nimg)
-    loss.set_progress(cur_nimg)
-    return loss.draw_edges(setup.images, loss.grids(loss.current_teacher_edges(), setup.device))
-
-
-def cd_step_parts(setup, seed, cur_nimg):
-    """Time the network work of the CD step at cur_nimg one piece at a time, on that step's edges.
-
-    Returns (seconds per part, number of rows per edge class).
-    """
-    device, student, labels = setup.device, setup.student, setup.labels
-    edges, noise = draw_edges(setup, seed, cur_nimg)
-    sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
-    terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
-    general, non_terminal = ~terminal & ~snap, ~terminal
-    sigma_s_eff, _ = loss_cd.edge_targets(edges, sigma_s, sigma_bdry)
-    x_t = setup.images.to(torch.float64) + sigma_t.reshape(-1, 1, 1, 1) * noise.to(torch.float64)
-    seconds = dict()
-
-    x_ref = x_t.clone()
-    seconds['teacher'] = seconds['target'] = 0.0  # stays 0 when the batch holds no such rows, as in the loss
-    if non_terminal.any():
-        x_ref[non_terminal], seconds['teacher'] = timed(device, lambda: consistency_ops.heun_hop_edm(setup.teacher,
-            x_t[non_terminal], sigma_t[non_terminal], sigma_s_eff[non_terminal], labels[non_terminal]))
-
-    setup.student_opt.zero_grad(set_to_none=True)
-    rng_state = loss_cd.device_rng_state(device)
-    x_hat, seconds['forward'] = timed(device, lambda: student(x_t.to(torch.float32), sigma_t.reshape(-1, 1, 1, 1), labels))
-
-    if general.any():
-        _, seconds['target'] = timed(device, lambda: target_pass(setup, x_t, x_ref, sigma_t, sigma_s_eff, general, rng_state))
-
-    per_sample = loss_cd.loss_weight(sigma_t, setup.cd_loss.weight_mode) * loss_cd.consistency_distance(
-        x_hat - setup.images, setup.cd_loss.loss_type)
-    scalar = per_sample.sum() / len(per_sample)
-    _, seconds['backward'] = timed(device, scalar.backward)
-
-    def optimizer_step():
-        training_loop.sanitize_gradients(student.parameters())
-        setup.student_opt.step()
-    _, seconds['optimizer'] = timed(device, optimizer_step)
-
-    counts = dict(terminal=int(terminal.sum()), boundary=int(snap.sum()), general=int(general.sum()))
-    return seconds, counts
-
-
-def target_pass(setup, x_t, x_s, sigma_t, sigma_s_eff, general, rng_state):
-    """The CD loss's no-grad student pass D(x_s; sigma_s_eff), on the rows and in the mode the loss uses."""
-    student, labels = setup.student, setup.labels
-    if setup.cd_loss.sync_dropout and student_has_dropout(student):
-        # The whole batch is re-run so that every row replays its dropout mask.
-        x_in = torch.where(general.reshape(-1, 1, 1, 1), x_s, x_t)
-        sigma_in = torch.where(general, sigma_s_eff, sigma_t)
-        return loss_cd.synchronised_student_pass(student, x_in, sigma_in, labels, setup.device, rng_state)
-    with torch.no_grad(), suppress_inplace_weight_norm(student):
-        return student(x_s[general].to(torch.float32), sigma_s_eff[general].reshape(-1, 1, 1, 1), labels[general])
-
-
-def student_has_dropout(student):
-    return any(module.training and getattr(module, 'dropout', 0) > 0 for module in student.modules())
-
-
-def check_same_edges(setup, counts_before, counts):
-    """The breakdown must time the edges the loss itself drew in the step it describes."""
-    drawn = {name: setup.cd_loss.edge_counts[name] - counts_before[name] for name in counts}
-    if drawn != counts:
-        raise RuntimeError(f'The breakdown drew edges {counts} but the CD loss drew {drawn} in the same step; '
-            'draw_edges() no longer matches EDMConsistencyDistillLoss.__call__')
+def edge_class_counts(setup, before):
+    """Rows per edge class that the CD loss drew since its edge counters read `before`."""
+    return {name: setup.cd_loss.edge_counts[name] - before[name] for name in ('terminal', 'boundary', 'general')}
 
 
 def alternating(pairs, rep):
@@ -192,24 +126,117 @@ def alternating(pairs, rep):
 
 
 def time_training(setup, seed, warmup, reps):
-    """Per-rep seconds of the plain step, the CD step and the CD step's parts, plus edge class counts."""
+    """Per-rep seconds of the plain step and of the CD step, plus the edge class counts of each CD step."""
     batch = setup.images.shape[0]
-    samples = dnnlib.EasyDict(plain=[], cd=[], parts=[], counts=[])
+    samples = dnnlib.EasyDict(plain=[], cd=[], counts=[], nimg=[])
     for rep in range(warmup + reps):
         cur_nimg = rep * batch
         counts_before = dict(setup.cd_loss.edge_counts)
         seconds = dict()
         for name, step in alternating([('plain', plain_step), ('cd', cd_step)], rep):
             _, seconds[name] = timed(setup.device, lambda: step(setup, seed, cur_nimg))
-        parts, counts = cd_step_parts(setup, seed, cur_nimg)
-        check_same_edges(setup, counts_before, counts)
         if rep >= warmup:
             samples.plain.append(seconds['plain'])
             samples.cd.append(seconds['cd'])
-            samples.parts.append(parts)
-            samples.counts.append(counts)
+            samples.counts.append(edge_class_counts(setup, counts_before))
+            samples.nimg.append(cur_nimg)
     return samples
 
+#----------------------------------------------------------------------------
+# Breakdown of the CD step from the named ranges of a torch.profiler trace.
+
+# Row of the breakdown -> names of the profiler ranges it sums. The cd/ ranges are the ones that
+# training/loss_cd.py opens inside the real loss; bench/optimizer is opened by training_step() above.
+BREAKDOWN_RANGES = {
+    'teacher':    ('cd/teacher_hop', 'cd/terminal_teacher'),
+    'forward':    ('cd/student_forward',),
+    'target':     ('cd/target_pass',),
+    'bookkeeping': ('cd/draw_edges', 'cd/classify_edges', 'cd/distance', 'cd/diagnostics'),
+    'optimizer':  ('bench/optimizer',),
+}
+# The loss has no range around the backward pass (it happens after the loss returns); autograd
+# labels the evaluation of every node of the graph with a name that starts like this.
+BACKWARD_PREFIX = 'autograd::engine::evaluate_function: '
+PROFILED_STEPS = 5  # at most this many steps of each kind are profiled (fewer when --reps is smaller)
+
+
+def breakdown_part(name):
+    """The breakdown row that profiler event `name` belongs to, or None."""
+    if name.startswith(BACKWARD_PREFIX):
+        return 'backward'
+    for part, ranges in BREAKDOWN_RANGES.items():
+        if name in ranges:
+            return part
+    return None
+
+
+def event_seconds(event, device):
+    """Time of a profiler event and everything under it: host wall time on CPU, kernel time on CUDA."""
+    if device.type == 'cuda':
+        return getattr(event, 'device_time_total', None) or getattr(event, 'cuda_time_total', 0) or 0
+    return event.cpu_time_total
+
+
+def part_seconds(events, device):
+    """Seconds per breakdown row in a list of profiler events, counting each labelled event that lies
+    inside no other labelled event (so nothing is counted twice)."""
+    seconds = {part: 0.0 for part in ('teacher', 'forward', 'backward', 'target', 'bookkeeping', 'optimizer')}
+    for event in events:
+        part = breakdown_part(event.name)
+        if part is None or event.device_type != torch.autograd.DeviceType.CPU:
+            continue  # on CUDA, also skips the device-side copies of the ranges
+        parent, nested = event.cpu_parent, False
+        while parent is not None and not nested:
+            nested, parent = breakdown_part(parent.name) is not None, parent.cpu_parent
+        if not nested:
+            seconds[part] += 1e-6 * event_seconds(event, device)  # the profiler reports microseconds
+    return seconds
+
+
+def profiled_step(setup, step, seed, cur_nimg):
+    """(profiler events, wall-clock seconds) of one step run under torch.profiler."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if setup.device.type == 'cuda':
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        _, seconds = timed(setup.device, lambda: step(setup, seed, cur_nimg))
+    return prof.events(), seconds
+
+
+def profile_training(setup, seed, nimgs, warmup):
+    """Profile plain and CD steps at the given cur_nimg values (those of timed reps, so the CD steps
+    draw the same edges as the timed ones); returns per-step wall seconds and CD parts."""
+    samples = dnnlib.EasyDict(plain=[], cd=[], parts=[])
+    for rep, cur_nimg in enumerate(([nimgs[0]] if warmup else []) + list(nimgs)):
+        for name, step in alternating([('plain', plain_step), ('cd', cd_step)], rep):
+            events, seconds = profiled_step(setup, step, seed, cur_nimg)
+            if warmup and rep == 0:
+                continue  # the first profiled steps also pay for starting the profiler
+            samples[name].append(seconds)
+            if name == 'cd':
+                samples.parts.append(part_seconds(events, setup.device))
+    return samples
+
+#----------------------------------------------------------------------------
+# Host synchronisations.
+
+def count_host_syncs(setup, step, seed, cur_nimg):
+    """Synchronising CUDA calls that torch flags in one step (set_sync_debug_mode), or None on the CPU."""
+    if setup.device.type != 'cuda':
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            step(setup, seed, cur_nimg)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum('synchroniz' in str(warning.message).lower() for warning in caught)
+
+
+def host_syncs(setup, seed, cur_nimg):
+    return {name: count_host_syncs(setup, step, seed, cur_nimg) for name, step in (('plain', plain_step), ('cd', cd_step))}
 
 def sampler_inputs(net, noise, labels, S, grid):
     """The (x, sigma) pairs that consistency_sampler passes to the network, in order."""
@@ -337,15 +364,18 @@ def load_average():
     return '/'.join(f'{value:.2f}' for value in os.getloadavg())
 
 
-def print_report(setup, config, training, sampling, peaks):
+def print_report(setup, config, training, profiled, syncs, sampling, peaks):
     ms = lambda seconds: 1e3 * seconds
     median = statistics.median
     plain, cd = median(training.plain), median(training.cd)
-    parts = {name: median(rep[name] for rep in training.parts) for name in training.parts[0]}
-    other = cd - sum(parts.values())
+    parts = {name: median(rep[name] for rep in profiled.parts) for name in profiled.parts[0]}
+    # The parts come from profiled steps, so they are set against profiled steps (the profiler's own
+    # cost per recorded op makes those a little slower than the timed steps above them).
+    profiled_plain, profiled_cd = median(profiled.plain), median(profiled.cd)
+    other = median(step - sum(rep.values()) for step, rep in zip(profiled.cd, profiled.parts))
     mean_counts = {name: statistics.fmean(rep[name] for rep in training.counts) for name in training.counts[0]}
     batch = setup.images.shape[0]
-    synced_target = setup.cd_loss.sync_dropout and student_has_dropout(setup.student)
+    synced_target = setup.cd_loss.sync_dropout and loss_cd._has_active_dropout(setup.student)
     target_rows = batch if synced_target else mean_counts['general']
     # Network evaluations per sample: forward + backward ~ 3 forwards; no-grad forwards count 1.
     floor = (3 * batch + 2 * (batch - mean_counts['terminal']) + target_rows) / (3 * batch)
@@ -364,21 +394,29 @@ def print_report(setup, config, training, sampling, peaks):
         f'mixed precision {"on" if config.fp16 and setup.device.type == "cuda" else "off"}')
     print(f'medians of {config.reps} reps after {config.warmup} warm-up reps; '
         f'edge classes per batch (mean): ' + ', '.join(f'{k} {v:.2f}' for k, v in mean_counts.items()))
+    kind = 'kernel time (CUDA)' if setup.device.type == 'cuda' else 'host wall time'
+    print(f'breakdown: named ranges of the real loss in {len(profiled.cd)} profiled CD steps ({kind}); '
+        f'% of CD and x plain against profiled steps ({ms(profiled_cd):.2f} ms CD, {ms(profiled_plain):.2f} ms plain)')
+    describe_syncs = lambda count: 'n/a' if count is None else str(count)
+    print(f'host syncs per step: plain {describe_syncs(syncs["plain"])}, CD {describe_syncs(syncs["cd"])}'
+        + (' (counted on CUDA only)' if setup.device.type != 'cuda' else ' (torch.cuda.set_sync_debug_mode)'))
     print()
     rows = [
-        ('plain EDM2 step (EDM2Loss fwd + bwd + Adam)', plain),
-        ('CD step (EDMConsistencyDistillLoss fwd + bwd + Adam)', cd),
+        ('plain EDM2 step (EDM2Loss fwd + bwd + Adam)', plain, cd, plain),
+        ('CD step (EDMConsistencyDistillLoss fwd + bwd + Adam)', cd, cd, plain),
+    ] + [(label, seconds, profiled_cd, profiled_plain) for label, seconds in [
         ('  teacher Heun hop (2 evals, non-terminal rows)', parts['teacher']),
         ('  student forward (with grad)', parts['forward']),
         ('  student backward', parts['backward']),
         (f'  target pass (no grad, {"full batch, synced dropout" if synced_target else "general rows"})',
             parts['target']),
+        ('  edges, checks, distance, diagnostics (loss arithmetic)', parts['bookkeeping']),
         ('  gradient sanitising + Adam step', parts['optimizer']),
-        ('  other (CD step minus the parts above)', other),
-    ]
+        ('  other (profiled CD step minus the parts above)', other),
+    ]]
     print(f'{"training step":<58s} {"ms":>10s} {"% of CD":>8s} {"x plain":>8s}')
-    for label, seconds in rows:
-        print(f'{label:<58s} {ms(seconds):10.2f} {100 * seconds / cd:8.1f} {seconds / plain:8.2f}')
+    for label, seconds, cd_seconds, plain_seconds in rows:
+        print(f'{label:<58s} {ms(seconds):10.2f} {100 * seconds / cd_seconds:8.1f} {seconds / plain_seconds:8.2f}')
     print()
     print(f'{"sampling":<58s} {"ms":>10s}')
     print(f'{f"consistency_sampler, S={config.S}":<58s} {ms(sampler):10.2f}')
@@ -432,11 +470,13 @@ def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed):
         config.memory_method = 'RSS high-water mark'
     setup = build_setup(**build_kwargs)
     training = time_training(setup, seed, warmup, reps)
+    profiled = profile_training(setup, seed, training.nimg[:PROFILED_STEPS], warmup)
+    syncs = host_syncs(setup, seed, training.nimg[0])
     sampling = time_sampling(setup, S, seed, warmup, reps)
     if device.type == 'cuda':
         peaks = step_peaks(setup, seed, cuda_step_peak)
         config.memory_method = 'max_memory_allocated'
-    print_report(setup, config, training, sampling, peaks)
+    print_report(setup, config, training, profiled, syncs, sampling, peaks)
 
 
 if __name__ == '__main__':

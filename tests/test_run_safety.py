@@ -185,3 +185,51 @@ def test_bad_inputs_are_one_line_errors(problem, safety_dir, tmp_path, repo_root
         assert not outdir.exists()  # the run directory is made only for a run that can start
     if problem == 'plain_run_as_cd':
         assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == ['training-state-0000000.pt']
+
+
+@pytest.mark.slow
+def test_cli_run_on_damaged_files(safety_dir, tmp_path, repo_root, subprocess_env):
+    """A corrupt sample mid-run, a truncated newest training state and a bad label, through the command line."""
+    import zipfile
+    data = tmp_path / 'data.zip'
+    shutil.copy(safety_dir / 'd16.zip', data)
+    with zipfile.ZipFile(data) as zf:
+        members = {name: zf.read(name) for name in zf.namelist()}
+    import itertools
+    from torch_utils import misc
+    order = itertools.islice(misc.InfiniteSampler(range(64), seed=0, start_idx=2048), 64)
+    victim = list(order)[48]  # read by the second step after resuming at 2048 images
+    victim = f'00000/img{victim:08d}.png'
+    good = members[victim]
+    def rewrite(**changes):
+        with zipfile.ZipFile(data, 'w') as zf:
+            for name, content in {**members, **changes}.items():
+                zf.writestr(name, content)
+    run = tmp_path / 'run'
+    cmd = [sys.executable, 'train_edm2.py', f'--outdir={run}', f'--data={data}', '--cond=False', '--preset=tiny-img16',
+        '--channels=8', '--batch=32', '--status=512', '--snapshot=0', '--checkpoint=1Ki', '--duration=3Ki']
+    first = subprocess.run(cmd[:-1] + ['--duration=2Ki'], cwd=repo_root, env=subprocess_env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout[-2000:]
+    rewrite(**{victim: good[:len(good) // 2]})
+    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and 'Traceback' not in output
+    assert victim in output.strip().splitlines()[-1] and 'after saving its state' in output
+    saved = sorted(name for name in os.listdir(run) if name.endswith('.pt'))
+    assert saved and torch.load(run / saved[-1], weights_only=False)['state']['cur_nimg'] % 1024 != 0
+
+    rewrite()  # repaired; now the newest state is truncated
+    newest = run / saved[-1]
+    newest.write_bytes(newest.read_bytes()[:200])
+    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert f'Warning: cannot read {newest}' in result.stdout and (run / (saved[-1] + '.corrupt')).is_file()
+    assert (run / 'training-state-0000003.pt').is_file()
+
+    labels = json.loads(members['dataset.json'])
+    labels['labels'] = [[name, -1 if i == 7 else i % 10] for i, (name, _) in enumerate(
+        [[f'{i // 1000:05d}/img{i:08d}.png', 0] for i in range(64)])]
+    rewrite(**{'dataset.json': json.dumps(labels).encode()})
+    result = subprocess.run(cmd[:4] + ['--cond=True'] + cmd[5:], cwd=repo_root, env=subprocess_env, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 2 and 'img00000007.png has the label -1' in result.stderr
