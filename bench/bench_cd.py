@@ -32,7 +32,7 @@ from torch_utils import misc
 from torch_utils import training_stats
 from training import loss_cd
 from training import training_loop
-from training.networks_edm2 import Precond, suppress_inplace_weight_norm
+from training.networks_edm2 import Precond
 
 #----------------------------------------------------------------------------
 # Network sizes: keyword arguments of training.networks_edm2.Precond.
@@ -124,24 +124,6 @@ def alternating(pairs, rep):
     machine load and warm caches favour neither side."""
     return pairs if rep % 2 == 0 else pairs[::-1]
 
-
-def time_training(setup, seed, warmup, reps):
-    """Per-rep seconds of the plain step and of the CD step, plus the edge class counts of each CD step."""
-    batch = setup.images.shape[0]
-    samples = dnnlib.EasyDict(plain=[], cd=[], counts=[], nimg=[])
-    for rep in range(warmup + reps):
-        cur_nimg = rep * batch
-        counts_before = dict(setup.cd_loss.edge_counts)
-        seconds = dict()
-        for name, step in alternating([('plain', plain_step), ('cd', cd_step)], rep):
-            _, seconds[name] = timed(setup.device, lambda: step(setup, seed, cur_nimg))
-        if rep >= warmup:
-            samples.plain.append(seconds['plain'])
-            samples.cd.append(seconds['cd'])
-            samples.counts.append(edge_class_counts(setup, counts_before))
-            samples.nimg.append(cur_nimg)
-    return samples
-
 #----------------------------------------------------------------------------
 # Breakdown of the CD step from the named ranges of a torch.profiler trace.
 
@@ -203,40 +185,41 @@ def profiled_step(setup, step, seed, cur_nimg):
     return prof.events(), seconds
 
 
-def profile_training(setup, seed, nimgs, warmup):
-    """Profile plain and CD steps at the given cur_nimg values (those of timed reps, so the CD steps
-    draw the same edges as the timed ones); returns per-step wall seconds and CD parts."""
-    samples = dnnlib.EasyDict(plain=[], cd=[], parts=[])
-    for rep, cur_nimg in enumerate(([nimgs[0]] if warmup else []) + list(nimgs)):
-        for name, step in alternating([('plain', plain_step), ('cd', cd_step)], rep):
-            events, seconds = profiled_step(setup, step, seed, cur_nimg)
-            if warmup and rep == 0:
-                continue  # the first profiled steps also pay for starting the profiler
-            samples[name].append(seconds)
-            if name == 'cd':
-                samples.parts.append(part_seconds(events, setup.device))
+def time_training(setup, seed, warmup, reps):
+    """Per-rep seconds of the plain and the CD step, and the edge class counts of each CD step; and
+    from the first PROFILED_STEPS timed reps, the seconds of a profiled plain and CD step and the
+    CD step's parts.
+
+    The profiled steps run right after the timed ones of the same rep and at the same cur_nimg, so
+    they draw the same edges and see the same machine load. The last warm-up rep (if any) profiles
+    too, unrecorded, so that starting the profiler the first time costs no recorded step.
+    """
+    batch = setup.images.shape[0]
+    samples = dnnlib.EasyDict(plain=[], cd=[], counts=[], profiled=dnnlib.EasyDict(plain=[], cd=[], parts=[]))
+    pairs = [('plain', plain_step), ('cd', cd_step)]
+    for rep in range(warmup + reps):
+        cur_nimg = rep * batch
+        counts_before = dict(setup.cd_loss.edge_counts)
+        seconds = dict()
+        for name, step in alternating(pairs, rep):
+            _, seconds[name] = timed(setup.device, lambda: step(setup, seed, cur_nimg))
+        counts = edge_class_counts(setup, counts_before)
+        profiled = dict()
+        if warmup - 1 <= rep < warmup + PROFILED_STEPS:
+            for name, step in alternating(pairs, rep):
+                profiled[name] = profiled_step(setup, step, seed, cur_nimg)
+        if rep >= warmup:
+            samples.plain.append(seconds['plain'])
+            samples.cd.append(seconds['cd'])
+            samples.counts.append(counts)
+            if profiled:
+                samples.profiled.plain.append(profiled['plain'][1])
+                samples.profiled.cd.append(profiled['cd'][1])
+                samples.profiled.parts.append(part_seconds(profiled['cd'][0], setup.device))
     return samples
 
 #----------------------------------------------------------------------------
-# Host synchronisations.
-
-def count_host_syncs(setup, step, seed, cur_nimg):
-    """Synchronising CUDA calls that torch flags in one step (set_sync_debug_mode), or None on the CPU."""
-    if setup.device.type != 'cuda':
-        return None
-    previous = torch.cuda.get_sync_debug_mode()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        torch.cuda.set_sync_debug_mode('warn')
-        try:
-            step(setup, seed, cur_nimg)
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-    return sum('synchroniz' in str(warning.message).lower() for warning in caught)
-
-
-def host_syncs(setup, seed, cur_nimg):
-    return {name: count_host_syncs(setup, step, seed, cur_nimg) for name, step in (('plain', plain_step), ('cd', cd_step))}
+# Sampling.
 
 def sampler_inputs(net, noise, labels, S, grid):
     """The (x, sigma) pairs that consistency_sampler passes to the network, in order."""
@@ -274,6 +257,27 @@ def time_sampling(setup, S, seed, warmup, reps):
                     samples[name].append(seconds)
     setup.student.train()
     return samples
+
+#----------------------------------------------------------------------------
+# Host synchronisations.
+
+def count_host_syncs(setup, step, seed, cur_nimg):
+    """Synchronising CUDA calls that torch flags in one step (set_sync_debug_mode), or None on the CPU."""
+    if setup.device.type != 'cuda':
+        return None
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            step(setup, seed, cur_nimg)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum('synchroniz' in str(warning.message).lower() for warning in caught)
+
+
+def host_syncs(setup, seed, cur_nimg):
+    return {name: count_host_syncs(setup, step, seed, cur_nimg) for name, step in (('plain', plain_step), ('cd', cd_step))}
 
 #----------------------------------------------------------------------------
 # Memory.
@@ -364,10 +368,11 @@ def load_average():
     return '/'.join(f'{value:.2f}' for value in os.getloadavg())
 
 
-def print_report(setup, config, training, profiled, syncs, sampling, peaks):
+def print_report(setup, config, training, syncs, sampling, peaks):
     ms = lambda seconds: 1e3 * seconds
     median = statistics.median
     plain, cd = median(training.plain), median(training.cd)
+    profiled = training.profiled
     parts = {name: median(rep[name] for rep in profiled.parts) for name in profiled.parts[0]}
     # The parts come from profiled steps, so they are set against profiled steps (the profiler's own
     # cost per recorded op makes those a little slower than the timed steps above them).
@@ -470,13 +475,12 @@ def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed):
         config.memory_method = 'RSS high-water mark'
     setup = build_setup(**build_kwargs)
     training = time_training(setup, seed, warmup, reps)
-    profiled = profile_training(setup, seed, training.nimg[:PROFILED_STEPS], warmup)
-    syncs = host_syncs(setup, seed, training.nimg[0])
+    syncs = host_syncs(setup, seed, 0)
     sampling = time_sampling(setup, S, seed, warmup, reps)
     if device.type == 'cuda':
         peaks = step_peaks(setup, seed, cuda_step_peak)
         config.memory_method = 'max_memory_allocated'
-    print_report(setup, config, training, profiled, syncs, sampling, peaks)
+    print_report(setup, config, training, syncs, sampling, peaks)
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """Smoke tests of bench/bench_cd.py: it runs end to end on CPU and its measurements see what they claim to."""
 
+import ast
 import math
 import os
 import re
@@ -10,6 +11,8 @@ import pytest
 import torch
 
 from bench import bench_cd
+from torch_utils import misc
+from training import loss_cd
 
 SMALLEST = ['--net-size=tiny', '--batch=2', '--S=2', '--T=4', '--reps=1', '--warmup=0']
 
@@ -33,9 +36,12 @@ def test_bench_prints_ratios_breakdown_and_memory(repo_root, subprocess_env):
     for label in ('CD step / plain step', 'sampler / S raw evaluations', 'peak step memory CD / plain'):
         ratio = printed_ratio(out, label)
         assert math.isfinite(ratio) and ratio > 0, (label, ratio)
-    for part in ('teacher Heun hop', 'student forward', 'student backward', 'target pass', 'gradient sanitising', 'other'):
+    for part in ('teacher Heun hop', 'student forward', 'student backward', 'target pass', 'edges, checks',
+            'gradient sanitising', 'other'):
         assert re.search(rf'^\s+{part}.*\s-?\d+\.\d\d\s', out, re.MULTILINE), f'no breakdown row {part!r} in:\n{out}'
     assert 'on cpu' in out and 'S=2, T=4' in out
+    assert 'named ranges of the real loss in 1 profiled CD steps' in out
+    assert 'host syncs per step: plain n/a, CD n/a' in out
     peaks = re.search(r'^step peak above resident.*?(\d+\.\d)\s+(\d+\.\d)$', out, re.MULTILINE)
     assert peaks and float(peaks.group(1)) > 0 and float(peaks.group(2)) > 0, out
 
@@ -46,26 +52,82 @@ def test_bench_rejects_fewer_teacher_edges_than_student_steps(repo_root, subproc
     assert '--T' in result.stderr and 'T >= S = 8' in result.stderr
 
 
-def test_breakdown_draws_the_edges_of_the_loss(single_thread):
-    setup = bench_cd.build_setup('tiny', batch=6, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=1)
-    for cur_nimg in (0, 6):
-        before = dict(setup.cd_loss.edge_counts)
-        bench_cd.cd_step(setup, seed=3, cur_nimg=cur_nimg)
-        seconds, counts = bench_cd.cd_step_parts(setup, seed=3, cur_nimg=cur_nimg)
-        bench_cd.check_same_edges(setup, before, counts)
-        assert sum(counts.values()) == 6
-        assert all(seconds[part] > 0 for part in ('forward', 'backward', 'optimizer'))
-    # A breakdown drawn at another step than the loss is caught.
-    before = dict(setup.cd_loss.edge_counts)
-    bench_cd.cd_step(setup, seed=3, cur_nimg=18)
-    mismatches = 0
-    for other_nimg in (24, 30, 36):
-        _, counts = bench_cd.cd_step_parts(setup, seed=3, cur_nimg=other_nimg)
-        try:
-            bench_cd.check_same_edges(setup, before, counts)
-        except RuntimeError:
-            mismatches += 1
-    assert mismatches > 0
+def all_classes_setup(seed=1):
+    """A bench setup whose CD loss also runs the terminal teacher evaluation, and a step (cur_nimg)
+    whose batch holds all three edge classes, so that every range of the loss is entered."""
+    setup = bench_cd.build_setup('tiny', batch=6, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=seed)
+    setup.cd_loss = loss_cd.EDMConsistencyDistillLoss(setup.teacher, S=2, T_start=4, T_end=4, T_anneal_kimg=0,
+        sampling_mode='uniform', terminal_teacher_hop=True)
+    for cur_nimg in range(0, 6 * 50, 6):
+        misc.set_random_seed(3, 0, cur_nimg)
+        edges, _ = setup.cd_loss.draw_edges(setup.images, setup.cd_loss.grids(4))
+        terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
+        if terminal.any() and snap.any() and (~terminal & ~snap).any():
+            return setup, cur_nimg
+    raise AssertionError('no step with all three edge classes')
+
+
+def test_breakdown_ranges_are_those_of_the_loss(single_thread):
+    setup, cur_nimg = all_classes_setup()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        misc.set_random_seed(3, 0, cur_nimg)
+        setup.cd_loss(net=setup.student, images=setup.images, labels=setup.labels)
+    in_loss = {event.name for event in prof.events() if event.name.startswith('cd/')}
+    expected = {name for names in bench_cd.BREAKDOWN_RANGES.values() for name in names if name.startswith('cd/')}
+    # Every range the breakdown sums is entered by one real loss call, and the loss has no range the
+    # breakdown does not know (it would silently end up in "other").
+    assert expected <= in_loss, f'ranges missing from the loss: {sorted(expected - in_loss)}'
+    assert in_loss <= expected, f'loss ranges unknown to the bench: {sorted(in_loss - expected)}'
+
+
+def test_breakdown_of_a_profiled_cd_step(single_thread):
+    setup, cur_nimg = all_classes_setup()
+    bench_cd.cd_step(setup, seed=3, cur_nimg=cur_nimg)
+    events, seconds = bench_cd.profiled_step(setup, bench_cd.cd_step, seed=3, cur_nimg=cur_nimg)
+    names = {event.name for event in events}
+    assert {'bench/optimizer'} <= names and any(name.startswith(bench_cd.BACKWARD_PREFIX) for name in names)
+    parts = bench_cd.part_seconds(events, setup.device)
+    assert all(value > 0 for value in parts.values()), parts
+    assert sum(parts.values()) <= seconds
+
+
+def test_profiled_loss_has_the_values_of_the_unprofiled_one(single_thread):
+    setup, cur_nimg = all_classes_setup()
+    def loss_value():
+        misc.set_random_seed(3, 0, cur_nimg)
+        with torch.no_grad():
+            return setup.cd_loss(net=setup.student, images=setup.images, labels=setup.labels)
+    plain = loss_value()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        profiled = loss_value()
+    assert torch.equal(plain, profiled)
+
+
+def test_time_training_profiles_the_timed_steps(single_thread):
+    setup = bench_cd.build_setup('tiny', batch=3, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=1)
+    samples = bench_cd.time_training(setup, seed=3, warmup=1, reps=2)
+    assert len(samples.plain) == len(samples.cd) == len(samples.counts) == 2
+    assert len(samples.profiled.cd) == len(samples.profiled.plain) == len(samples.profiled.parts) == 2
+    assert all(sum(counts.values()) == 3 for counts in samples.counts)
+    assert bench_cd.host_syncs(setup, seed=3, cur_nimg=0) == dict(plain=None, cd=None)  # counted on CUDA only
+
+
+def test_bench_has_no_copy_of_the_loss_math(repo_root):
+    """The bench times the loss as training runs it; it must not rebuild any part of the CD step itself."""
+    with open(os.path.join(repo_root, 'bench', 'bench_cd.py')) as f:
+        tree = ast.parse(f.read())
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            used.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            used.add(node.attr)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            used.update(alias.asname or alias.name for alias in node.names)
+    loss_math = {'consistency_ops', 'heun_hop_edm', 'ddim_step_edm', 'inv_ddim_edm', 'edge_targets', 'loss_weight',
+        'consistency_distance', 'synchronised_student_pass', 'device_rng_state', 'draw_edges', 'loss_from_edges',
+        'ode_hop', '_classify_rows', '_general_student_pass', 'sample_segment_and_teacher_pair'}
+    assert not used & loss_math, sorted(used & loss_math)
 
 
 def test_raw_evaluations_replay_the_sampler_inputs(single_thread):
