@@ -277,9 +277,9 @@ def test_unbuildable_resolution_names_what_would_work(tmp_path):
 
 
 @pytest.mark.parametrize('args, option, message', [
-    (['--S=4'], '--S', 'is an option of --method=cd, but this run trains with --method=edm2 (add --teacher=PKL'),
-    (['--cd_lr=0.001', '--T_end=64'], '--T_end', 'is an option of --method=cd'),
-    (['--no_sync_dropout'], '--sync_dropout', 'is an option of --method=cd'),
+    (['--S=4'], '--S', 'is an option of --method=cd|ct, but this run trains with --method=edm2 (--teacher=PKL chooses'),
+    (['--cd_lr=0.001', '--T_end=64'], '--T_end', 'is an option of --method=cd|ct'),
+    (['--no_sync_dropout'], '--sync_dropout', 'is an option of --method=cd|ct'),
     (['--method=cd', '--duration=1Ki'], '--teacher', 'needs a teacher network pickle'),
     (['--dout_resolutions=64', '--dropout=0.1'], '--dout_resolutions', 'not resolutions of this network'),
     (['--dout_resolutions=8'], '--dout_resolutions', 'dropout is 0'),
@@ -295,7 +295,7 @@ def test_options_without_effect_in_plain_training_are_refused(args, option, mess
 
 @pytest.mark.parametrize('args, option, message', [
     (['--channels=64'], '--channels', 'the architecture of its pretrained network'),
-    (['--P_mean=-1'], '--P_mean', 'is an option of --method=edm2, but this run trains with --method=cd (--method=cd has --cd_P_mean)'),
+    (['--P_mean=-1'], '--P_mean', 'is an option of --method=edm2|cdm, but this run trains with --method=cd (--method=cd has --cd_P_mean)'),
     (['--dropout=0.1', '--cd_dropout=0.2'], '--dropout', 'give one of them'),
     (['--lr=0.01', '--cd_lr=0.02'], '--cd_lr', 'give one of them'),
     (['--cd_P_std=2'], '--cd_P_std', "P_std has no effect with sampling_mode='vp'"),
