@@ -56,7 +56,10 @@ def open_folder(path, keep, load):
     return names, lambda name: load(os.path.join(path, name)), labels
 
 def open_zip(path, keep, load):
-    archive = zipfile.ZipFile(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise click.ClickException(f'--source {path} is not a readable ZIP archive ({err})') from None
     names = sorted(name for name in archive.namelist() if keep(name))
     labels = None
     if 'dataset.json' in archive.namelist():

@@ -442,6 +442,8 @@ def cmdline(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size
             sampler_kwargs['guidance'] = chosen.get('guidance')
     if net is None:
         raise click.ClickException('Give a network with --net or choose a --preset')
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.BadParameter(f'{outdir!r} is a file; expected a folder for the images', param_hint='--outdir')
     if sampler_kwargs['guidance'] is None or sampler_kwargs['guidance'] == 1:
         sampler_kwargs['guidance'] = None
         gnet = None

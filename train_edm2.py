@@ -159,7 +159,9 @@ class _OptionErrors:
 
     def __exit__(self, exc_type, err, traceback):
         if isinstance(err, dnnlib.UserError):
-            raise click.BadParameter(str(err), param_hint=self.kwarg_options.get(err.option)) from None
+            flag = self.kwarg_options.get(err.option)
+            message = str(err).removeprefix(f'{flag}: ') if flag else str(err)
+            raise click.BadParameter(message, param_hint=flag) from None
 
 
 def _choose_method(opts, given, preset):

@@ -197,11 +197,18 @@ def load_network_pickle(source, what='network pickle', verbose=False, require_fi
         raise NetworkPickleError(f'{what}: cannot open {source} ({err})') from None
     try:
         with f:
+            if f.read(4) == b'PK\x03\x04':
+                raise NetworkPickleError(f'{what}: {source} is a ZIP archive (e.g. a training state or a dataset), '
+                    'not a network pickle')
+            f.seek(0)
             data = pickle.load(f)
+    except NetworkPickleError:
+        raise
     except EOFError:
         raise NetworkPickleError(f'{what}: {source} is empty or truncated (the pickle ends early)') from None
     except Exception as err:  # garbage bytes fail in many ways inside the unpickler
-        raise NetworkPickleError(f'{what}: {source} is not a readable pickle ({type(err).__name__}: {err})') from None
+        reason = ' '.join(str(err).split())
+        raise NetworkPickleError(f'{what}: {source} is not a readable pickle ({type(err).__name__}: {reason})') from None
     net = data.get('ema', data.get('net')) if isinstance(data, dict) else None
     if not isinstance(net, torch.nn.Module):
         found = sorted(map(str, data)) if isinstance(data, dict) else type(data).__name__

@@ -309,12 +309,13 @@ class EDMConsistencyDistillLoss:
     def prepare(self, encoder, latent_shape, label_dim, device):
         """Load the teacher from teacher_pkl (unless attached), check its content and its fit to the data."""
         if self.teacher_pkl is not None:
-            teacher = pretrained.load(self.teacher_pkl, option='--teacher')
+            teacher = pretrained.load(self.teacher_pkl, option='--teacher', argument='teacher_pkl')
             if self.teacher_sha256 is not None and teacher.sha256 != self.teacher_sha256:
                 raise dnnlib.UserError(f'--teacher: {self.teacher_pkl} is not the file this run distils: its SHA-256 is '
                     f'{teacher.sha256}, the run was started with {self.teacher_sha256}', option='teacher_sha256')
             self.teacher_sha256 = teacher.sha256
-            pretrained.check_against_data(teacher.net, teacher.encoder, encoder, latent_shape, label_dim)
+            pretrained.check_against_data(teacher.net, teacher.encoder, encoder, latent_shape, label_dim,
+                argument='teacher_pkl')
             self.attach_teacher(teacher.net)
         elif self.teacher_net is None:
             raise dnnlib.UserError('consistency distillation needs a teacher network pickle (--teacher=PKL)',

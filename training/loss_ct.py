@@ -42,13 +42,13 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
         """Load the starting network (if any) and check its content and its fit to the data."""
         if self.init_pkl is None:
             return
-        init = pretrained.load(self.init_pkl, option='--init')
+        init = pretrained.load(self.init_pkl, option='--init', argument='init_pkl')
         if self.init_sha256 is not None and init.sha256 != self.init_sha256:
             raise dnnlib.UserError(f'--init: {self.init_pkl} is not the file this run started from: its SHA-256 is '
                 f'{init.sha256}, the run was started with {self.init_sha256}', option='init_sha256')
         self.init_sha256 = init.sha256
         pretrained.check_against_data(init.net, init.encoder, encoder, latent_shape, label_dim,
-            role='starting network', option='--init')
+            role='starting network', option='--init', argument='init_pkl')
         self.init_net = init.net
 
     def pinned_kwargs(self):

@@ -41,14 +41,18 @@ def _load_once(source, option):
     return _loaded[key]
 
 
-def load(source, option='--teacher'):
+def load(source, option='--teacher', argument=None):
     """EasyDict(net, encoder, sha256) of the network pickle `source` (path or URL): its 'ema' network
     (or 'net'), frozen in eval mode, its encoder (or None) and the file's SHA-256. The first process
-    of each node reads (or downloads) it first; a process loads a file once."""
+    of each node reads (or downloads) it first; a process loads a file once. Errors name the
+    command-line `option` in their text and the constructor `argument` in their `option` field."""
     try:
         return dist.node_first(_load_once, source, option)
     except OSError as err:
-        raise PretrainedError(f'{option}: cannot read {source} ({err})') from None
+        raise PretrainedError(f'{option}: cannot read {source} ({err})', option=argument) from None
+    except dnnlib.UserError as err:
+        err.option = err.option or argument
+        raise
 
 
 def network_kwargs(net, role='teacher'):
@@ -68,7 +72,8 @@ def _encoder_signature(encoder):
     return type(encoder).__name__, fields
 
 
-def check_against_data(net, net_encoder, encoder, latent_shape, label_dim, role='teacher', option='--teacher'):
+def check_against_data(net, net_encoder, encoder, latent_shape, label_dim, role='teacher', option='--teacher',
+        argument=None):
     """Raise one PretrainedError listing every way `net` does not fit the run's data and encoder.
     `label_dim` None skips the label check (e.g. for an unconditional guide)."""
     problems = []
@@ -91,7 +96,8 @@ def check_against_data(net, net_encoder, encoder, latent_shape, label_dim, role=
                 if not same:
                     problems.append(f'encoder {name}: {role} {a}, run {b}')
     if problems:
-        raise PretrainedError(f'{option}: the {role} does not match the training data: ' + '; '.join(problems))
+        raise PretrainedError(f'{option}: the {role} does not match the training data: ' + '; '.join(problems),
+            option=argument)
 
 
 def copy_weights(dst, src, role='teacher'):
