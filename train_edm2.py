@@ -11,6 +11,7 @@ import os
 import click
 import torch
 
+import calculate_metrics
 import dnnlib
 from dnnlib.cli import FiniteFloat, ImageCount
 from torch_utils import distributed as dist
@@ -60,6 +61,13 @@ DEFAULT_INTERVALS = dict(status=128 << 10, snapshot=8 << 20, checkpoint=128 << 2
 
 # The MSCD port for EDM2 spells these student settings differently; both spellings work.
 PORT_ALIASES = dict(cd_dropout='dropout', cd_lr='lr', cd_decay='decay')
+
+# Validation while training: command-line option -> training.monitoring.Validator argument.
+VALIDATION_OPTIONS = dict(val_ref='ref', val_metrics='metrics', val_every='every', val_num='num', val_steps='steps',
+    val_seed='seed', val_batch='batch', val_at_start='at_start', val_heun='heun', val_std='std', detector='detectors')
+
+def _val_default(argument):
+    return inspect.signature(dnnlib.util.get_obj_by_name('training.monitoring.Validator')).parameters[argument].default
 
 # Where the loop's own checks point: training_loop argument -> command-line option.
 LOOP_OPTIONS = dict(batch_size='--batch', batch_gpu='--batch-gpu', total_nimg='--duration', status_nimg='--status',
@@ -228,6 +236,37 @@ def _network_kwargs(opts, given, loss, method):
     return network
 
 
+def _validation_kwargs(opts, given):
+    """validation_kwargs for the loop when --val_ref is given; the Validator's signature holds the defaults."""
+    stray = [f'--{name}' for name in VALIDATION_OPTIONS if name in given and name != 'val_ref']
+    if 'val_ref' not in given:
+        if stray:
+            raise click.BadParameter(f'{", ".join(stray)} configure validation, which needs reference statistics: '
+                'add --val_ref=PKL (from calculate_metrics.py ref)', param_hint=stray[0])
+        return {}
+    validation = dnnlib.EasyDict(class_name='training.monitoring.Validator',
+        **{argument: opts[name] for name, argument in VALIDATION_OPTIONS.items() if name in given})
+    with _OptionErrors({argument: f'--{name}' for name, argument in VALIDATION_OPTIONS.items()}):
+        dnnlib.util.construct_class_by_name(**validation, run_dir='.')  # checks the reference and the values
+    return dict(validation_kwargs=validation)
+
+
+def _wandb_kwargs(opts, given):
+    """wandb_kwargs for the loop when --wandb is given; WandbLogger's signature holds the defaults."""
+    arguments = dict(wandb_project='project', wandb_entity='entity', wandb_run='name', wandb_tags='tags',
+        wandb_mode='mode')
+    if not opts.get('wandb'):
+        stray = [f'--{name}' for name in arguments if name in given]
+        if stray:
+            raise click.BadParameter(f'{", ".join(stray)}: Weights & Biases logging is off; add --wandb to turn it on',
+                param_hint=stray[0])
+        return {}
+    from training import wandb_logging  # pylint: disable=import-outside-toplevel
+    wandb_logging.import_wandb()  # a missing package stops the run now, not after loading the data
+    return dict(wandb_kwargs=dnnlib.EasyDict(class_name='training.wandb_logging.WandbLogger',
+        **{argument: opts[name] for name, argument in arguments.items() if name in given}))
+
+
 def setup_training_config(preset='edm2-img512-s', method=None, **opts):
     """Build the training_loop() keyword arguments from command-line options and a preset."""
     opts = dnnlib.EasyDict(opts, method=method)
@@ -286,6 +325,8 @@ def setup_training_config(preset='edm2-img512-s', method=None, **opts):
     if opts.max_nonfinite_steps is not None:
         c.max_nonfinite_steps = opts.max_nonfinite_steps
 
+    c.update(_validation_kwargs(opts, given))
+    c.update(_wandb_kwargs(opts, given))
     _check_architecture(c.network_kwargs, dataset.resolution, preset, opts.data)
     with _OptionErrors(LOOP_OPTIONS):
         training_loop.split_batch(c.batch_size, c.batch_gpu, dist.get_world_size())
@@ -359,6 +400,35 @@ def launch_training(run_dir, c):
 @click.option('--seed', help='Random seed', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--dout_resolutions', help='Resolutions where dropout applies, e.g. 16,8 [default: all]', metavar='LIST',
     callback=parse_resolution_list)
+@click.option('--val_ref', help='Validate snapshots against these reference statistics (calculate_metrics.py ref)',
+    metavar='PKL|NPZ|URL')
+@click.option('--val_metrics', help='Validation metrics [default: those in --val_ref]', metavar='LIST',
+    callback=lambda ctx, param, text: None if text is None else [name.strip() for name in text.split(',') if name.strip()])
+@click.option('--val_every', help=f'Validate every N-th network snapshot [default: {_val_default("every")}]', metavar='N', type=click.IntRange(min=1))
+@click.option('--val_num', help=f'Images per validation [default: {_val_default("num")}]', metavar='INT', type=click.IntRange(min=2))
+@click.option('--val_steps', help='Sampler steps [default: S for students, 32 Heun steps otherwise]', metavar='INT',
+    type=click.IntRange(min=1))
+@click.option('--val_seed', help=f'First seed of the validation images [default: {_val_default("seed")}]', metavar='INT', type=int)
+@click.option('--val_batch', help=f'Largest validation batch per process [default: {_val_default("batch")}]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--val_at_start/--no_val_at_start', help='Also validate the first snapshot of a fresh run [default: off]',
+    default=None)
+@click.option('--val_heun/--no_val_heun', help='Also measure the teacher with Heun once, as a baseline [default: on]',
+    default=None)
+@click.option('--val_std', help='EMA profile to validate [default: the last one, e.g. 0.100]', metavar='FLOAT',
+    type=FiniteFloat(min=0, min_open=True))
+@click.option('--detector', help='Local file or URL of a metric\'s detector, e.g. fid=inception-2015-12-05.pkl (repeatable)',
+    metavar='METRIC=PATH', multiple=True, callback=lambda ctx, param, values: (
+        calculate_metrics.parse_detector_sources(ctx, param, values) or None))
+@click.option('--wandb', help='Log statistics, validation results and samples to Weights & Biases (needs wandb)',
+    is_flag=True, default=None)
+@click.option('--wandb_project', metavar='STR', type=str, help='W&B project [default: '
+    f'{_constructor_default(dnnlib.util.get_obj_by_name("training.wandb_logging.WandbLogger"), "project")}]')
+@click.option('--wandb_entity', help='W&B entity, a user or team [default: your default entity]', metavar='STR', type=str)
+@click.option('--wandb_run', help='W&B run name [default: the name of --outdir]', metavar='STR', type=str)
+@click.option('--wandb_tags', help='W&B tags, comma-separated', metavar='LIST',
+    callback=lambda ctx, param, text: None if text is None else [tag.strip() for tag in text.split(',') if tag.strip()])
+@click.option('--wandb_mode', help='W&B mode; offline runs upload later with wandb sync [default: $WANDB_MODE, else online]',
+    type=click.Choice(['online', 'offline', 'disabled']))
 @method_options
 @click.option('--cd_dropout', help='Same as --dropout (the name of the MSCD port for EDM2)', metavar='FLOAT',
     type=FiniteFloat(min=0, max=1))

@@ -221,21 +221,27 @@ def check_finite_parameters(net, cur_nimg, last_state):
 # Network snapshots: one pickle per EMA profile, with the network in float16 on the CPU.
 
 def _save_snapshots(run_dir, cur_nimg, ema, net, encoder, dataset_kwargs, loss_fn):
+    """Write the snapshots (rank 0) and return them on every rank as [(suffix, data, file name)]."""
     entries = loss_fn.snapshot_entries() if hasattr(loss_fn, 'snapshot_entries') else dict(loss_fn=loss_fn)
+    snapshots = []
     for ema_net, suffix in (ema.get() if ema is not None else [(net, '')]):
         data = dnnlib.EasyDict(encoder=encoder, dataset_kwargs=dnnlib.EasyDict(dataset_kwargs), **entries)
         data.ema = copy.deepcopy(ema_net).cpu().eval().requires_grad_(False).to(torch.float16)
-        path = os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:07d}{suffix}.pkl')
-        dist.print0(f'Saving {path} ... ', end='', flush=True)
-        dist.write_file_atomically(path, lambda f: pickle.dump(data, f))
-        dist.print0('done')
+        file_name = f'network-snapshot-{cur_nimg // 1000:07d}{suffix}.pkl'
+        if dist.get_rank() == 0:
+            dist.print0(f'Saving {os.path.join(run_dir, file_name)} ... ', end='', flush=True)
+            dist.write_file_atomically(os.path.join(run_dir, file_name), lambda f: pickle.dump(data, f))
+            dist.print0('done')
+        snapshots.append((suffix, data, file_name))
+    dist.barrier()  # the files exist before any rank refers to them
+    return snapshots
 
 #----------------------------------------------------------------------------
 # The run directory: the options that define a run, and resuming without repeating what was logged.
 
 SCHEDULE_OPTIONS = ('total_nimg', 'slice_nimg', 'status_nimg', 'snapshot_nimg', 'checkpoint_nimg',
     'checkpoint_keep_recent', 'batch_gpu', 'lr_kwargs', 'loss_scaling', 'force_finite', 'max_nonfinite_steps',
-    'cudnn_benchmark', 'data_loader_kwargs', 'ddp_kwargs', 'device')  # may change when a run resumes
+    'cudnn_benchmark', 'data_loader_kwargs', 'ddp_kwargs', 'device', 'validation_kwargs', 'wandb_kwargs')  # may change
 
 
 def _flatten(options, prefix=''):
@@ -405,7 +411,7 @@ def training_loop(
     run_dir='.', seed=0, batch_size=2048, batch_gpu=None,
     total_nimg=8 << 30, slice_nimg=None, status_nimg=128 << 10, snapshot_nimg=8 << 20, checkpoint_nimg=128 << 20,
     checkpoint_keep_recent=None, loss_scaling=1, force_finite=True, max_nonfinite_steps=8, cudnn_benchmark=True,
-    device=None, ddp_kwargs={},
+    device=None, ddp_kwargs={}, validation_kwargs=None, wandb_kwargs=None,
 ):
     """Train `network_kwargs` on `dataset_kwargs` with the method `loss_kwargs`, resuming from the
     newest readable training-state-*.pt in `run_dir`.
@@ -417,7 +423,10 @@ def training_loop(
     training states after each save (None keeps all). `data_loader_kwargs` None picks defaults for
     `device` (None: CUDA when available, else CPU). `force_finite` zeroes NaN/Inf gradients, as
     EDM2 does; `max_nonfinite_steps` consecutive steps with them stop the run (0: never).
-    `ddp_kwargs` go to DistributedDataParallel. The options are recorded in
+    `ddp_kwargs` go to DistributedDataParallel; `validation_kwargs` (e.g. class_name=
+    'training.monitoring.Validator') evaluates snapshots while training runs, and `wandb_kwargs`
+    (class_name='training.wandb_logging.WandbLogger') sends statistics, validation results and sample
+    grids to Weights & Biases from rank 0. The options are recorded in
     run_dir/training_options.json, and a resumed run must keep all but the schedule (see
     record_run_options).
     """
@@ -462,11 +471,18 @@ def training_loop(
         'on several machines the run directory must be on a filesystem that all of them share'))
     if rank == 0:
         _rewind_logs(run_dir, state, session_log_start, resumed=resumed_from is not None)
+    validator = None
+    if validation_kwargs is not None:
+        validator = dnnlib.util.construct_class_by_name(**validation_kwargs, run_dir=run_dir)
+        validator.start(state.cur_nimg, resumed=resumed_from is not None)
     start_nimg = state.cur_nimg
     stop_at_nimg = _stop_point(start_nimg, total_nimg, slice_nimg, checkpoint_nimg or snapshot_nimg or batch_size)
     if start_nimg >= stop_at_nimg:
         raise dnnlib.UserError(f'Nothing to train: the run in {run_dir} is already at {start_nimg} images and this '
             f'session would stop at {stop_at_nimg}; raise the duration (--duration) to continue it', option='total_nimg')
+    wandb_run = None
+    if wandb_kwargs is not None and rank == 0:
+        wandb_run = dnnlib.util.construct_class_by_name(**wandb_kwargs, run_dir=run_dir, options=options)
 
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=world_size, seed=seed, start_idx=start_nimg)
     batches = iter(dnnlib.util.construct_class_by_name(dataset=dataset, sampler=sampler, batch_size=batch_gpu,
@@ -485,7 +501,7 @@ def training_loop(
 
     nonfinite = NonFiniteSteps(device)
     elapsed_before, session_start = state.total_elapsed_time, time.time()
-    tick_start_time, tick_start_nimg, maintenance_sec = start_time, start_nimg, 0.0
+    tick_start_time, tick_start_nimg, maintenance_sec, validation_sec = start_time, start_nimg, 0.0, 0.0
     while True:
         done = state.cur_nimg >= stop_at_nimg
         at_resumed_start = state.cur_nimg == start_nimg != 0
@@ -494,8 +510,12 @@ def training_loop(
 
         is_status = status_nimg and (done or state.cur_nimg % status_nimg == 0) and not at_resumed_start
         if is_status:
-            _report_status(run_dir, state.cur_nimg, state.total_elapsed_time, tick_end_time - tick_start_time,
+            _report_status(run_dir, state.cur_nimg, state.total_elapsed_time, tick_end_time - tick_start_time - validation_sec,
                 state.cur_nimg - tick_start_nimg, maintenance_sec, device)
+            validation_sec = 0.0  # validation from here on counts against the next tick
+            if wandb_run is not None:
+                wandb_run.log_stats(state.cur_nimg, {name: stat.mean for name, stat in
+                    training_stats.default_collector.as_dict().items()})
             dist.update_progress(state.cur_nimg // 1000, total_nimg // 1000)
             done = done or dist.should_stop() or dist.should_suspend()
 
@@ -505,8 +525,12 @@ def training_loop(
             nonfinite.check(max_nonfinite_steps, state.cur_nimg, last_state)
         if is_snapshot or is_checkpoint:
             check_finite_parameters(net, state.cur_nimg, last_state)
-        if is_snapshot and rank == 0:
-            _save_snapshots(run_dir, state.cur_nimg, ema, net, encoder, dataset_kwargs, loss_fn)
+        if is_snapshot:
+            snapshots = _save_snapshots(run_dir, state.cur_nimg, ema, net, encoder, dataset_kwargs, loss_fn)
+            if validator is not None and validator.due(state.cur_nimg, snapshot_nimg, fresh_start=state.cur_nimg == 0):
+                validation_sec += validator.validate(state.cur_nimg, snapshots, loss_fn)
+                if wandb_run is not None:
+                    wandb_run.log_validation(state.cur_nimg, validator.last_rows, validator.grid)
         if is_checkpoint:
             save_training_state()
             misc.check_ddp_consistency(net)
@@ -517,7 +541,7 @@ def training_loop(
             break
 
         if is_status:
-            maintenance_sec = time.time() - tick_end_time
+            maintenance_sec = time.time() - tick_end_time - validation_sec
             tick_start_time, tick_start_nimg = tick_end_time, state.cur_nimg
         try:
             step_batches = _next_batches(batches, rounds)
@@ -532,6 +556,8 @@ def training_loop(
         if ema is not None:
             ema.update(cur_nimg=state.cur_nimg, batch_size=batch_size)
 
+    if wandb_run is not None:
+        wandb_run.finish()
     dist.print0()
     dist.print0('Exiting...')
 
