@@ -4,37 +4,27 @@ import ast
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from bench import bench_cd
+from helpers import printed_value, run_script
 from torch_utils import misc
 from training import loss_cd
 
 SMALLEST = ['--net-size=tiny', '--batch=2', '--S=2', '--T=4', '--reps=1', '--warmup=0']
 
 
-def run_bench(repo_root, env, *args):
-    return subprocess.run([sys.executable, os.path.join('bench', 'bench_cd.py'), *args], cwd=repo_root, env=env,
-        capture_output=True, text=True, timeout=300)
-
-
-def printed_ratio(output, label):
-    found = re.search(rf'^{re.escape(label)}\s*=\s*(\S+)', output, re.MULTILINE)
-    assert found, f'no line "{label} = ..." in:\n{output}'
-    return float(found.group(1))
+def run_bench(*args, check=True):
+    return run_script(os.path.join('bench', 'bench_cd.py'), *args, check=check)
 
 
 @pytest.mark.slow
-def test_bench_prints_ratios_breakdown_and_memory(repo_root, subprocess_env):
-    result = run_bench(repo_root, subprocess_env, *SMALLEST)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+def test_bench_prints_ratios_breakdown_and_memory():
+    out = run_bench(*SMALLEST).stdout
     for label in ('CD step / plain step', 'sampler / S raw evaluations', 'peak step memory CD / plain'):
-        ratio = printed_ratio(out, label)
+        ratio = printed_value(out, label)
         assert math.isfinite(ratio) and ratio > 0, (label, ratio)
     for part in ('teacher Heun hop', 'student forward', 'student backward', 'target pass', 'edges, checks',
             'gradient sanitising', 'other'):
@@ -46,8 +36,8 @@ def test_bench_prints_ratios_breakdown_and_memory(repo_root, subprocess_env):
     assert peaks and float(peaks.group(1)) > 0 and float(peaks.group(2)) > 0, out
 
 
-def test_bench_rejects_fewer_teacher_edges_than_student_steps(repo_root, subprocess_env):
-    result = run_bench(repo_root, subprocess_env, '--S=8', '--T=4')
+def test_bench_rejects_fewer_teacher_edges_than_student_steps():
+    result = run_bench('--S=8', '--T=4', check=False)
     assert result.returncode != 0
     assert '--T' in result.stderr and 'T >= S = 8' in result.stderr
 

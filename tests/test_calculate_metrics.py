@@ -1,67 +1,24 @@
 """Tests for calculate_metrics.py: Fréchet distance, statistics, the ref/calc/gen commands with tiny detectors."""
 
-import importlib
 import inspect
 import os
 import pickle
 import re
-import subprocess
-import sys
 
 import click
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from click.testing import CliRunner
 
 import calculate_metrics
 import dnnlib
+from helpers import (assert_user_error, error_line, invoke, network_pickle, printed_value, run_script, save_pickle,
+    tiny_precond)
 
 EMPTY = inspect.Parameter.empty
 
-# Stand-ins for the Inception and DINOv2 detectors: persistent modules, so their pickles carry their own
-# source and load anywhere, like the official Inception pickle.
-DETECTOR_SOURCE = '''
-import torch
-from torch_utils import persistence
-
-
-@persistence.persistent_class
-class PooledProjection(torch.nn.Module):
-    def __init__(self, num_features, seed, takes_uint8):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.randn([num_features, 12], generator=torch.Generator().manual_seed(seed)))
-        self.takes_uint8 = takes_uint8
-
-    def forward(self, images, return_features=False):
-        if self.takes_uint8:
-            assert images.dtype == torch.uint8 and return_features
-            images = images.to(torch.float32) / 255
-        else:
-            assert images.dtype == torch.float32 and images.shape[2:] == (224, 224)
-        pooled = torch.nn.functional.adaptive_avg_pool2d(images, 2).flatten(1)
-        return torch.tanh(pooled @ self.weight.T)
-'''
-
-
-@pytest.fixture(scope='module')
-def detectors(tmp_path_factory):
-    root = tmp_path_factory.mktemp('detectors')
-    (root / 'tiny_metric_detectors.py').write_text(DETECTOR_SOURCE)
-    sys.path.insert(0, str(root))
-    try:
-        module = importlib.import_module('tiny_metric_detectors')
-    finally:
-        sys.path.remove(str(root))
-    models = {'fid': module.PooledProjection(5, seed=0, takes_uint8=True),
-              'fd_dinov2': module.PooledProjection(4, seed=1, takes_uint8=False)}
-    paths = {}
-    for metric, model in models.items():
-        paths[metric] = str(root / f'{metric}.pkl')
-        with open(paths[metric], 'wb') as f:
-            pickle.dump(model, f)
-    return models, paths
+# The tiny stand-ins for the Inception and DINOv2 detectors are conftest.py's `detectors`.
 
 
 def write_pngs(folder, count, seed, brightness=1.0):
@@ -92,18 +49,6 @@ def fd_by_eigenvalues(f, f_ref):
     root_trace = np.sqrt(np.clip(np.linalg.eigvals(s @ s_ref).real, 0, None)).sum()
     return np.sum((mu - mu_ref) ** 2) + np.trace(s) + np.trace(s_ref) - 2 * root_trace
 
-
-def run_cli(args, env, cwd, check=True):
-    proc = subprocess.run([sys.executable, 'calculate_metrics.py', *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def printed_metric(stdout, metric):
-    match = re.search(rf'^{metric} = (\S+)$', stdout, re.MULTILINE)
-    assert match, stdout
-    return float(match.group(1))
 
 #----------------------------------------------------------------------------
 
@@ -207,7 +152,7 @@ def test_calculate_metrics_from_stats_loads_a_ref_path_and_skips_missing_metrics
     results = calculate_metrics.calculate_metrics_from_stats(dict(num_images=30, fid=fit(f), fd_dinov2=fit(f)), ref_path)
     assert list(results) == ['fid'] and results['fid'] == pytest.approx(fd_by_eigenvalues(f, f_ref), rel=1e-8)
     printed = capsys.readouterr().out
-    assert ref_path in printed and 'fd_dinov2' in printed and printed_metric(printed, 'fid') == pytest.approx(results['fid'], rel=1e-5)
+    assert ref_path in printed and 'fd_dinov2' in printed and printed_value(printed, 'fid') == pytest.approx(results['fid'], rel=1e-5)
     assert calculate_metrics.calculate_metrics_from_stats(dict(fid=fit(f)), calculate_metrics.load_stats(ref_path, False), ['fid'], False) == results
 
 
@@ -277,14 +222,13 @@ def test_npz_reference_is_read_as_fid(tmp_path):
 
 
 @pytest.mark.slow
-def test_ref_then_calc_on_png_folders(tmp_path, detectors, repo_root, subprocess_env):
+def test_ref_then_calc_on_png_folders(tmp_path, detectors):
     models, paths = detectors
     ref_dir = write_pngs(tmp_path / 'ref_images', 14, seed=2)
     gen_dir = write_pngs(tmp_path / 'gen_images' / 'nested', 12, seed=3, brightness=0.7)
     detector_args = [f'--detector=fid={paths["fid"]}', f'--detector=fd_dinov2={paths["fd_dinov2"]}']
     ref_path = str(tmp_path / 'refs' / 'ref.pkl')
-    run_cli(['ref', f'--data={ref_dir}', f'--dest={ref_path}', '--batch=5', '--workers=0', *detector_args],
-            subprocess_env, repo_root)
+    run_script('calculate_metrics.py', 'ref', f'--data={ref_dir}', f'--dest={ref_path}', '--batch=5', '--workers=0', *detector_args)
 
     with open(ref_path, 'rb') as f:
         ref = pickle.load(f)
@@ -294,13 +238,13 @@ def test_ref_then_calc_on_png_folders(tmp_path, detectors, repo_root, subprocess
         np.testing.assert_allclose(ref[metric]['mu'], ref_features[metric].mean(0), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ref[metric]['sigma'], np.cov(ref_features[metric], rowvar=False), rtol=1e-4, atol=1e-7)
 
-    proc = run_cli(['calc', f'--images={tmp_path / "gen_images"}', f'--ref={ref_path}', '--num=12', '--batch=4', '--workers=1',
-                    *detector_args], subprocess_env, repo_root)
+    proc = run_script('calculate_metrics.py', 'calc', f'--images={tmp_path / "gen_images"}', f'--ref={ref_path}', '--num=12',
+                      '--batch=4', '--workers=1', *detector_args)
     gen_features = features_of_folder(gen_dir, models)
     for metric in ('fid', 'fd_dinov2'):
         expected = fd_by_eigenvalues(gen_features[metric], ref_features[metric])
         assert expected > 1e-3
-        assert printed_metric(proc.stdout, metric) == pytest.approx(expected, rel=1e-3)
+        assert printed_value(proc.stdout, metric) == pytest.approx(expected, rel=1e-3)
 
 
 
@@ -316,7 +260,7 @@ def test_num_images_picks_a_seeded_subset_and_needs_enough_images(tmp_path, edm2
         calculate_metrics.calculate_stats_for_files(folder, num_images=8, num_workers=0, verbose=False)
 
 
-def test_unreachable_detector_names_url_and_local_option(tmp_path, repo_root, subprocess_env):
+def test_unreachable_detector_names_url_and_local_option(tmp_path, subprocess_env):
     url = 'http://127.0.0.1:9/metrics/inception-2015-12-05.pkl'  # the discard port: nothing listens there
     subprocess_env['DNNLIB_CACHE_DIR'] = str(tmp_path / 'cache')
     with pytest.raises(calculate_metrics.DetectorUnavailable) as info:
@@ -325,79 +269,47 @@ def test_unreachable_detector_names_url_and_local_option(tmp_path, repo_root, su
 
     images = write_pngs(tmp_path / 'images', 3, seed=4)
     np.savez(tmp_path / 'ref.npz', mu=np.zeros(2), sigma=np.eye(2))
-    proc = run_cli(['calc', f'--images={images}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=3', '--workers=0',
-                    f'--detector=fid={url}'], subprocess_env, repo_root, check=False)
+    proc = run_script('calculate_metrics.py', 'calc', f'--images={images}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid',
+                      '--num=3', '--workers=0', f'--detector=fid={url}', env=subprocess_env, check=False)
     assert proc.returncode != 0 and url in proc.stderr and '--detector=fid=' in proc.stderr and 'Traceback' not in proc.stderr
 
 
 def test_bad_metric_and_detector_options(tmp_path):
-    result = CliRunner().invoke(calculate_metrics.cmdline, ['ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--metrics=fid,kid'])
+    result = invoke(calculate_metrics.cmdline, 'ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--metrics=fid,kid')
     assert result.exit_code != 0 and 'kid' in result.output
-    result = CliRunner().invoke(calculate_metrics.cmdline, ['ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--detector=inception.pkl'])
+    result = invoke(calculate_metrics.cmdline, 'ref', f'--data={tmp_path}', f'--dest={tmp_path}/x.pkl', '--detector=inception.pkl')
     assert result.exit_code != 0 and 'METRIC=' in result.output
 
 
 @pytest.mark.slow
-def test_gen_with_student_pickle(tmp_path, detectors, repo_root, subprocess_env):
+def test_gen_with_student_pickle(tmp_path, detectors):
     import generate_images
     from training.encoders import StandardRGBEncoder
-    from training.networks_edm2 import Precond
     models, paths = detectors
-    torch.manual_seed(0)
-    net = Precond(img_resolution=8, img_channels=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
-                  attn_resolutions=[4], logvar_channels=8).eval().requires_grad_(False)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith('_gain'):
-                param.fill_(1)  # fresh gains are 0, which would hide the U-Net
-    student = dnnlib.EasyDict(encoder=StandardRGBEncoder(), dataset_kwargs=dnnlib.EasyDict(path='none'), ema=net,
-                              cd=dict(S=2, sigma_min=0.002, sigma_max=80.0, rho=7.0))
-    net_path = str(tmp_path / 'student.pkl')
-    with open(net_path, 'wb') as f:
-        pickle.dump(student, f)
+    net = tiny_precond(frozen=True)
+    net_path = save_pickle(network_pickle(net, cd=dict(S=2, sigma_min=0.002, sigma_max=80.0, rho=7.0)), tmp_path / 'student.pkl')
     ref_dir = write_pngs(tmp_path / 'ref_images', 10, seed=5)
     ref_path = str(tmp_path / 'ref.pkl')
-    run_cli(['ref', f'--data={ref_dir}', f'--dest={ref_path}', '--metrics=fid', '--workers=0', f'--detector=fid={paths["fid"]}'],
-            subprocess_env, repo_root)
-    proc = run_cli(['gen', f'--net={net_path}', f'--ref={ref_path}', '--metrics=fid', '--num=9', '--seed=3', '--batch=4',
-                    f'--detector=fid={paths["fid"]}'], subprocess_env, repo_root)
+    run_script('calculate_metrics.py', 'ref', f'--data={ref_dir}', f'--dest={ref_path}', '--metrics=fid', '--workers=0',
+               f'--detector=fid={paths["fid"]}')
+    proc = run_script('calculate_metrics.py', 'gen', f'--net={net_path}', f'--ref={ref_path}', '--metrics=fid', '--num=9',
+                      '--seed=3', '--batch=4', f'--detector=fid={paths["fid"]}')
 
     rnd = generate_images.StackedRandomGenerator('cpu', range(3, 12))
     with torch.no_grad():
         images = StandardRGBEncoder().decode(generate_images.consistency_sampler(net, rnd.randn([9, 3, 8, 8]), num_steps=2))
         features = models['fid'](images, return_features=True).double().numpy()
     expected = fd_by_eigenvalues(features, features_of_folder(ref_dir, models)['fid'])
-    assert printed_metric(proc.stdout, 'fid') == pytest.approx(expected, rel=1e-3)
+    assert printed_value(proc.stdout, 'fid') == pytest.approx(expected, rel=1e-3)
 
 #----------------------------------------------------------------------------
 # Unreadable inputs: one line naming the file, a failing exit status, nothing written.
 
-def error_line(stderr):
-    """The one 'Error: ...' line a command printed for a user error, which must end its stderr."""
-    assert 'Traceback' not in stderr and 'Aborted' not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith('Error:')]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
-    line = error_line(result.stderr)
-    assert all(fragment in line for fragment in fragments), (line, fragments)
-
-
 @pytest.fixture
-def in_process(monkeypatch):
+def in_process(monkeypatch, no_process_group):
     """Run the commands with CliRunner: no process group, no global start method, a fresh detector cache."""
-    from torch_utils import distributed as dist
-    monkeypatch.setattr(dist, 'init', lambda: None)
     monkeypatch.setattr(torch.multiprocessing, 'set_start_method', lambda *args, **kwargs: None)
     monkeypatch.setattr(calculate_metrics, '_detector_cache', {})
-
-
-def invoke(*args):
-    return CliRunner().invoke(calculate_metrics.cmdline, [str(arg) for arg in args])
 
 
 def test_calc_refuses_unreadable_reference_statistics(tmp_path, detectors, in_process):
@@ -429,12 +341,12 @@ def test_calc_refuses_unreadable_reference_statistics(tmp_path, detectors, in_pr
              'single.npz': 'not an .npz archive'}
     before = sorted(os.listdir(tmp_path))
     for name, why in cases.items():
-        result = invoke('calc', f'--images={images}', f'--ref={refs / name}', '--metrics=fid', '--num=3', '--workers=0',
+        result = invoke(calculate_metrics.cmdline, 'calc', f'--images={images}', f'--ref={refs / name}', '--metrics=fid', '--num=3', '--workers=0',
                         f'--detector=fid={paths["fid"]}')
         assert_user_error(result, f'--ref: {refs / name}', why)
     # Statistics of another detector: the feature dimensions differ.
     np.savez(refs / 'three.npz', mu=np.zeros(3), sigma=np.eye(3))
-    result = invoke('calc', f'--images={images}', f'--ref={refs / "three.npz"}', '--metrics=fid', '--num=3', '--workers=0',
+    result = invoke(calculate_metrics.cmdline, 'calc', f'--images={images}', f'--ref={refs / "three.npz"}', '--metrics=fid', '--num=3', '--workers=0',
                     f'--detector=fid={paths["fid"]}')
     assert_user_error(result, 'fid: the features have 5 dimensions but the reference statistics 3')
     assert sorted(os.listdir(tmp_path)) == before
@@ -453,24 +365,24 @@ def test_unreadable_image_sets_are_one_line_and_write_no_statistics(tmp_path, de
              (late, ['img999.png', late]), (early, ['img000.png', early])]
     detector = f'--detector=fid={paths["fid"]}'
     for folder, fragments in cases:
-        result = invoke('calc', f'--images={folder}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--batch=2',
+        result = invoke(calculate_metrics.cmdline, 'calc', f'--images={folder}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--batch=2',
                         f'--num={5 if folder == late else 3}', '--workers=0', detector)  # all of a folder's images
         assert_user_error(result, *map(str, fragments))
         dest = tmp_path / 'refs' / 'ref.pkl'
-        result = invoke('ref', f'--data={folder}', f'--dest={dest}', '--metrics=fid', '--batch=2', '--workers=0', detector)
+        result = invoke(calculate_metrics.cmdline, 'ref', f'--data={folder}', f'--dest={dest}', '--metrics=fid', '--batch=2', '--workers=0', detector)
         assert_user_error(result, *map(str, fragments))
         assert not (tmp_path / 'refs').exists()
-    result = invoke('calc', f'--images={late}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=9', '--workers=0', detector)
+    result = invoke(calculate_metrics.cmdline, 'calc', f'--images={late}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=9', '--workers=0', detector)
     assert_user_error(result, '5 images, fewer than the 9')
 
 
-def test_corrupt_image_read_by_a_worker_is_one_line(tmp_path, detectors, repo_root, subprocess_env):
+def test_corrupt_image_read_by_a_worker_is_one_line(tmp_path, detectors):
     _models, paths = detectors
     folder = write_pngs(tmp_path / 'images', 4, seed=13)
     (tmp_path / 'images' / 'img999.png').write_bytes(os.urandom(500))
     dest = tmp_path / 'refs' / 'ref.pkl'
-    proc = run_cli(['ref', f'--data={folder}', f'--dest={dest}', '--metrics=fid', '--batch=2', '--workers=1',
-                    f'--detector=fid={paths["fid"]}'], subprocess_env, repo_root, check=False)
+    proc = run_script('calculate_metrics.py', 'ref', f'--data={folder}', f'--dest={dest}', '--metrics=fid', '--batch=2',
+                      '--workers=1', f'--detector=fid={paths["fid"]}', check=False)
     assert proc.returncode == 1 and 'img999.png' in error_line(proc.stderr)
     assert not (tmp_path / 'refs').exists()
 
@@ -486,7 +398,7 @@ def test_unloadable_detector_files_are_one_line(tmp_path, in_process):
              'ref.npz': 'not a readable pickle'}  # a ZIP: the unpickler's message has a line break
     before = sorted(os.listdir(tmp_path))
     for name, why in cases.items():
-        result = invoke('calc', f'--images={images}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=3', '--workers=0',
+        result = invoke(calculate_metrics.cmdline, 'calc', f'--images={images}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=3', '--workers=0',
                         f'--detector=fid={tmp_path / name}')
         assert_user_error(result, str(tmp_path / name), why)
     assert sorted(os.listdir(tmp_path)) == before
@@ -502,7 +414,7 @@ def test_gen_refuses_bad_network_pickles(tmp_path, detectors, in_process):
              'list.pkl': 'not a network pickle'}
     before = sorted(os.listdir(tmp_path))
     for name, why in cases.items():
-        result = invoke('gen', f'--net={tmp_path / name}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=2',
+        result = invoke(calculate_metrics.cmdline, 'gen', f'--net={tmp_path / name}', f'--ref={tmp_path / "ref.npz"}', '--metrics=fid', '--num=2',
                         f'--detector=fid={paths["fid"]}')
         assert_user_error(result, f'--net: {tmp_path / name}', why)
     assert sorted(os.listdir(tmp_path)) == before

@@ -3,53 +3,35 @@
 import json
 import math
 import os
-import pickle
 import shutil
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
-import dnnlib
+from helpers import (REPO_ROOT, TEACHER_ARCH, assert_same_state, load_pickle, load_state, make_digits_zip, make_teacher, read_stats,
+    run_script, script_command, script_env, torchrun)
 from torch_utils import misc
 from training import consistency_ops, pretrained
 from training.encoders import StandardRGBEncoder
 from training.loss_cd import EDMConsistencyDistillLoss
 from training.networks_edm2 import Precond
 
-TINY_ARCH = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
-
-
-def make_teacher(path, resolution=16, label_dim=10, seed=0):
-    torch.manual_seed(seed)
-    net = Precond(resolution, 3, label_dim=label_dim, **TINY_ARCH).eval().requires_grad_(False)
-    with open(path, 'wb') as f:
-        pickle.dump(dict(ema=net, encoder=StandardRGBEncoder(), dataset_kwargs=dnnlib.EasyDict(path='teacher-data')), f)
-    return net
-
 
 @pytest.fixture(scope='module')
 def workdir(tmp_path_factory):
+    """128 labelled digits (d16.zip), a conditional teacher for them (teacher.pkl), and room for the runs."""
     root = tmp_path_factory.mktemp('cd')
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), OMP_NUM_THREADS='1',
-        CUDA_VISIBLE_DEVICES='')
-    subprocess.run([sys.executable, 'dataset_tool.py', 'convert', '--source=sklearn-digits', f'--dest={root / "d16.zip"}',
-        '--resolution=16x16', '--max-images=128'], cwd=env['PYTHONPATH'], env=env, check=True, capture_output=True)
+    make_digits_zip(root / 'd16.zip', max_images=128)
     make_teacher(root / 'teacher.pkl')
-    return root, env
+    return root
 
 
 def train(workdir, outdir, *extra, teacher=None, check=True):
-    root, env = workdir
-    teacher = str(root / 'teacher.pkl') if teacher is None else str(teacher)
-    cmd = [sys.executable, 'train_edm2.py', f'--outdir={outdir}', f'--data={root / "d16.zip"}', '--preset=cd-tiny-img16',
-        f'--teacher={teacher}', '--batch=16', '--status=256', '--snapshot=1024', '--checkpoint=1024', *extra]
-    result = subprocess.run(cmd, cwd=env['PYTHONPATH'], env=env, capture_output=True, text=True)
-    if check:
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
+    teacher = workdir / 'teacher.pkl' if teacher is None else teacher
+    return run_script('train_edm2.py', f'--outdir={outdir}', f'--data={workdir / "d16.zip"}', '--preset=cd-tiny-img16',
+        f'--teacher={teacher}', '--batch=16', '--status=256', '--snapshot=1024', '--checkpoint=1024', *extra, check=check)
 
 
 def modules_in(obj, seen=None):
@@ -70,45 +52,38 @@ def modules_in(obj, seen=None):
 
 @pytest.mark.slow
 def test_distil_then_sample(workdir):
-    root, env = workdir
+    root = workdir
     run = root / 'run'
     train(workdir, run, '--duration=1024')
-    stats = [json.loads(line) for line in open(run / 'stats.jsonl')]
+    stats = read_stats(run)
     losses = [s['Loss/loss'] for s in stats if 'Loss/loss' in s]
     assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
     snapshot = run / 'network-snapshot-0000001-0.100.pkl'
-    with open(snapshot, 'rb') as f:
-        data = pickle.load(f)
+    data = load_pickle(snapshot)
     assert set(data.keys()) == {'ema', 'encoder', 'dataset_kwargs', 'cd'}
     assert data['cd']['S'] == 4 and len(data['cd']['student_sigmas']) == 5
     assert len([m for m in modules_in(data) if hasattr(m, 'sigma_data')]) == 1  # the student EMA, no teacher
     assert b'loss_cd' not in open(snapshot, 'rb').read()
-    state = torch.load(run / 'training-state-0000001.pt', weights_only=False)
+    state = load_state(run / 'training-state-0000001.pt')
     assert 'teacher_net' not in state['loss_fn'] and not modules_in(state['loss_fn'])
 
     outdir = root / 'images'
-    result = subprocess.run([sys.executable, 'generate_images.py', f'--net={snapshot}', f'--outdir={outdir}',
-        '--seeds=0-3', f'--grid={root / "grid.png"}'], cwd=env['PYTHONPATH'], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script('generate_images.py', f'--net={snapshot}', f'--outdir={outdir}', '--seeds=0-3', f'--grid={root / "grid.png"}')
     assert sorted(os.listdir(outdir)) == [f'{seed:06d}.png' for seed in range(4)]
     assert (root / 'grid.png').is_file()
 
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(workdir):
-    root, _ = workdir
+    root = workdir
     train(workdir, root / 'straight', '--duration=2048')
     train(workdir, root / 'resumed', '--duration=1024')
     train(workdir, root / 'resumed', '--duration=2048')
-    a = torch.load(root / 'straight' / 'training-state-0000002.pt', weights_only=False)
-    b = torch.load(root / 'resumed' / 'training-state-0000002.pt', weights_only=False)
+    a = load_state(root / 'straight' / 'training-state-0000002.pt')
+    b = load_state(root / 'resumed' / 'training-state-0000002.pt')
     assert a['state']['cur_nimg'] == b['state']['cur_nimg'] == 2048
-    for name in a['net']:
-        assert torch.equal(a['net'][name], b['net'][name]), name
-    assert a['loss_fn'] == b['loss_fn']
-    for ema_a, ema_b in zip(a['ema']['emas'], b['ema']['emas']):
-        assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert_same_state(a, b, parts=('net', 'loss_fn', 'ema'))
 
     # The teacher is re-read on resume; without it the run stops with a message naming the path.
     moved = shutil.copy(root / 'teacher.pkl', root / 'teacher-moved.pkl')
@@ -119,7 +94,7 @@ def test_resume_matches_uninterrupted_run(workdir):
 
 @pytest.mark.slow
 def test_resume_refuses_changed_cd_settings(workdir):
-    root, _ = workdir
+    root = workdir
     train(workdir, root / 'changed', '--duration=1024')
     result = train(workdir, root / 'changed', '--duration=2048', '--S=2', check=False)
     assert result.returncode != 0 and 'loss_kwargs.S: run 4, now 2' in result.stdout + result.stderr
@@ -127,7 +102,7 @@ def test_resume_refuses_changed_cd_settings(workdir):
 
 @pytest.mark.slow
 def test_mismatched_teacher_is_refused(workdir):
-    root, _ = workdir
+    root = workdir
     make_teacher(root / 'teacher8.pkl', resolution=8)
     result = train(workdir, root / 'bad', '--duration=1024', teacher=root / 'teacher8.pkl', check=False)
     assert result.returncode != 0 and 'resolution: teacher 8, data 16' in result.stdout + result.stderr
@@ -135,7 +110,7 @@ def test_mismatched_teacher_is_refused(workdir):
 
 
 def test_check_teacher_reports_each_mismatch():
-    teacher = Precond(16, 3, label_dim=10, **TINY_ARCH)
+    teacher = Precond(16, 3, label_dim=10, **TEACHER_ARCH)
     pretrained.check_against_data(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 3, 16, 16), 10)
     with pytest.raises(pretrained.PretrainedError) as err:
         pretrained.check_against_data(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 4, 8, 8), 0)
@@ -145,16 +120,16 @@ def test_check_teacher_reports_each_mismatch():
 
 def test_student_seeding_is_exact_or_refused():
     torch.manual_seed(1)
-    teacher = Precond(16, 3, label_dim=10, **TINY_ARCH)
+    teacher = Precond(16, 3, label_dim=10, **TEACHER_ARCH)
     with torch.no_grad():
         for p in teacher.parameters():
             p.normal_()
-    student = Precond(16, 3, label_dim=10, **TINY_ARCH)
+    student = Precond(16, 3, label_dim=10, **TEACHER_ARCH)
     pretrained.copy_weights(student, teacher)
     for (name, a), (_, b) in zip(misc.named_params_and_buffers(teacher), misc.named_params_and_buffers(student)):
         assert torch.equal(a, b), name
 
-    other = Precond(16, 3, label_dim=10, **dict(TINY_ARCH, model_channels=24))
+    other = Precond(16, 3, label_dim=10, **dict(TEACHER_ARCH, model_channels=24))
     before = [t.clone() for t in other.parameters()]
     with pytest.raises(pretrained.PretrainedError, match='shape mismatches'):
         pretrained.copy_weights(other, teacher)
@@ -162,7 +137,7 @@ def test_student_seeding_is_exact_or_refused():
 
 
 def test_dry_run_prints_cd_configuration(workdir):
-    root, env = workdir
+    root = workdir
     result = train(workdir, root / 'dry', '--dry-run', '--S=2', '--T_start=4', '--T_end=8')
     config = json.loads(result.stdout.split('Training config:')[1].split('\n\n')[0])
     assert config['loss_kwargs']['class_name'] == 'training.loss_cd.EDMConsistencyDistillLoss'
@@ -195,11 +170,9 @@ def free_port():
 @pytest.fixture(scope='module')
 def ddp_run(workdir):
     """A distillation run of 2 processes on one machine."""
-    root, env = workdir
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_edm2.py',
-        f'--outdir={root / "ddp"}', f'--data={root / "d16.zip"}', f'--teacher={root / "teacher.pkl"}', *DDP_ARGS]
-    result = subprocess.run(cmd, cwd=env['PYTHONPATH'], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    root = workdir
+    run_script('train_edm2.py', f'--outdir={root / "ddp"}', f'--data={root / "d16.zip"}', f'--teacher={root / "teacher.pkl"}',
+        *DDP_ARGS, launcher=torchrun())
     return root / 'ddp'
 
 
@@ -207,19 +180,19 @@ def ddp_run(workdir):
 def test_ddp_distillation_keeps_ranks_identical(ddp_run):
     # The loop runs check_ddp_consistency after each checkpoint: it fails if the ranks' weights differ.
     assert (ddp_run / 'training-state-0000001.pt').is_file()
-    stats = [json.loads(line) for line in open(ddp_run / 'stats.jsonl')]
+    stats = read_stats(ddp_run)
     assert all(math.isfinite(s['Loss/loss']) for s in stats if 'Loss/loss' in s)
 
 
 def launch_two_nodes(workdir, outdirs, *extra):
     """Two torchrun launches joined by a static rendezvous on 127.0.0.1, one process each, as on two machines;
     returns their exit codes and outputs."""
-    root, env = workdir
+    root = workdir
     port = free_port()
-    launches = [subprocess.Popen([sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node_rank={node}',
-        '--nproc_per_node=1', '--master_addr=127.0.0.1', f'--master_port={port}', 'train_edm2.py',
-        f'--outdir={outdir}', f'--data={root / "d16.zip"}', f'--teacher={root / "teacher.pkl"}', *DDP_ARGS, *extra],
-        cwd=env['PYTHONPATH'], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launches = [subprocess.Popen(script_command('train_edm2.py', f'--outdir={outdir}', f'--data={root / "d16.zip"}',
+        f'--teacher={root / "teacher.pkl"}', *DDP_ARGS, *extra,
+        launcher=torchrun(1, nnodes=2, node_rank=node, master_addr='127.0.0.1', master_port=port)),
+        cwd=REPO_ROOT, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for node, outdir in enumerate(outdirs)]
     outputs = [launch.communicate(timeout=600)[0] for launch in launches]
     return [launch.returncode for launch in launches], outputs
@@ -227,19 +200,16 @@ def launch_two_nodes(workdir, outdirs, *extra):
 
 @pytest.mark.slow
 def test_two_node_distillation_equals_one_node(workdir, ddp_run):
-    root, env = workdir
+    root = workdir
     codes, outputs = launch_two_nodes(workdir, [root / 'nodes'] * 2)
     assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert 'Processes:          2 on cpu' in outputs[0] and 'Processes:' not in outputs[1]  # only rank 0 reports
 
     # Same ranks, same data order and seeds: the two-node run must end where the one-node run ends.
-    nodes = torch.load(root / 'nodes' / 'training-state-0000001.pt', weights_only=False)
-    single = torch.load(ddp_run / 'training-state-0000001.pt', weights_only=False)
+    nodes = load_state(root / 'nodes' / 'training-state-0000001.pt')
+    single = load_state(ddp_run / 'training-state-0000001.pt')
     assert nodes['state']['cur_nimg'] == single['state']['cur_nimg'] == 1024
-    for name, value in single['net'].items():
-        assert torch.equal(nodes['net'][name], value), name
-    for ema_nodes, ema_single in zip(nodes['ema']['emas'], single['ema']['emas']):
-        assert all(torch.equal(ema_nodes[name], value) for name, value in ema_single.items())
+    assert_same_state(single, nodes)
 
     # Resuming where the second machine cannot see the run directory is refused, not started from scratch.
     codes, outputs = launch_two_nodes(workdir, [root / 'nodes', root / 'elsewhere'], '--duration=2048')

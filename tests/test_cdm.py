@@ -2,8 +2,6 @@
 
 import os
 import pickle
-import subprocess
-import sys
 
 import click
 import pytest
@@ -12,8 +10,8 @@ import torch
 import dnnlib
 import train_edm2
 from generate_images import edm_sampler
-from test_cd_learning import MLPDenoiser, MixtureDenoiser, distribution_report, sample_mixture, sigma_column
-from test_training_loop import write_image_zip
+from helpers import (MLPDenoiser, MixtureDenoiser, assert_same_state, distribution_report, load_pickle, load_state,
+    read_stats, run_script, sample_mixture, sigma_column, torchrun)
 from training.loss_cdm import CDMLoss
 from training.training_loop import EDM2Loss
 
@@ -198,93 +196,64 @@ def test_command_line_options(data16):
     assert info.value.param_hint == '--cdm_weight' and 'method=cdm' in str(info.value)
 
 #----------------------------------------------------------------------------
-# Runs through the command line.
-
-@pytest.fixture(scope='module')
-def data16(tmp_path_factory):
-    return write_image_zip(tmp_path_factory.mktemp('data') / 'digits16.zip', 64, 16)
-
-
-@pytest.fixture(scope='module')
-def env():
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return dnnlib.EasyDict(root=repo_root, vars=dict(os.environ, PYTHONPATH=repo_root, CUDA_VISIBLE_DEVICES='',
-        OMP_NUM_THREADS='1'))
-
-
-def run(env, script, *args, launcher=()):
-    cmd = [sys.executable, *launcher, os.path.join(env.root, script), *args]
-    result = subprocess.run(cmd, cwd=env.root, env=env.vars, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
+# Runs through the command line, on conftest.py's data16.
 
 TRAIN_ARGS = ['--method=cdm', '--cond=False', '--preset=tiny-img16', '--channels=8', '--batch=32', '--status=512',
     '--snapshot=1Ki', '--checkpoint=1Ki', '--seed=3']
 
 
-def read_stats(run_dir):
-    import json
-    with open(run_dir / 'stats.jsonl') as f:
-        return [json.loads(line) for line in f]
-
-
 @pytest.fixture(scope='module')
-def cdm_run(data16, env, tmp_path_factory):
+def cdm_run(data16, tmp_path_factory):
     outdir = tmp_path_factory.mktemp('cdm') / 'run'
-    run(env, 'train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
+    run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
     return outdir
 
 
 @pytest.mark.slow
-def test_run_writes_plain_edm2_snapshots(cdm_run, data16, env, tmp_path):
+def test_run_writes_plain_edm2_snapshots(cdm_run, tmp_path):
     path = cdm_run / 'network-snapshot-0000002-0.100.pkl'
     assert b'loss_cdm' not in path.read_bytes()  # nothing in it needs this project's CDM module
-    with open(path, 'rb') as f:
-        snapshot = pickle.load(f)
+    snapshot = load_pickle(path)
     assert list(snapshot.keys()) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema']
     assert type(snapshot['loss_fn']).__name__ == 'EDM2Loss' and snapshot['loss_fn'].P_mean == -0.8
-    state = torch.load(cdm_run / 'training-state-0000002.pt', weights_only=False)
+    state = load_state(cdm_run / 'training-state-0000002.pt')
     assert state['loss_fn']['weight'] == 10.0 and state['loss_fn']['num_steps'] == 5
     stats = read_stats(cdm_run)
     assert all(torch.isfinite(torch.tensor([row['Loss/loss'], row['CDM/consistency']])).all() for row in stats[1:])
     assert all(0 < row['CDM/sigma_gap'] < 0.05 for row in stats[1:])
 
-    result = run(env, 'generate_images.py', f'--net={path}', f'--outdir={tmp_path / "out"}', '--seeds=0-3')
+    result = run_script('generate_images.py', f'--net={path}', f'--outdir={tmp_path / "out"}', '--seeds=0-3')
     assert sorted(os.listdir(tmp_path / 'out')) == [f'{seed:06d}.png' for seed in range(4)], result.stdout
 
 
 @pytest.mark.slow
-def test_resume_continues_identically(cdm_run, data16, env, tmp_path):
+def test_resume_continues_identically(cdm_run, data16, tmp_path):
     outdir = tmp_path / 'run'
-    run(env, 'train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=1Ki', *TRAIN_ARGS)
-    second = run(env, 'train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
+    run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=1Ki', *TRAIN_ARGS)
+    second = run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
     assert 'training-state-0000001.pt' in second.stdout
-    resumed = torch.load(outdir / 'training-state-0000002.pt', weights_only=False)
-    straight = torch.load(cdm_run / 'training-state-0000002.pt', weights_only=False)
-    for name, value in straight['net'].items():
-        assert torch.equal(resumed['net'][name], value), name
-    for ema_resumed, ema_straight in zip(resumed['ema']['emas'], straight['ema']['emas']):
-        assert all(torch.equal(ema_resumed[name], value) for name, value in ema_straight.items())
+    resumed = load_state(outdir / 'training-state-0000002.pt')
+    straight = load_state(cdm_run / 'training-state-0000002.pt')
+    assert_same_state(straight, resumed)
     keys = ('Progress/kimg', 'Loss/loss', 'CDM/consistency')
     assert [[row.get(key) for key in keys] for row in read_stats(outdir)] == \
         [[row.get(key) for key in keys] for row in read_stats(cdm_run)]
 
 
 @pytest.mark.slow
-def test_two_processes(data16, env, tmp_path):
+def test_two_processes(data16, tmp_path):
     outdir = tmp_path / 'run'
-    result = run(env, 'train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--method=cdm', '--cond=False',
+    result = run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--method=cdm', '--cond=False',
         '--preset=tiny-img16', '--channels=8', '--batch=32', '--batch-gpu=8', '--duration=256', '--status=128',
-        '--snapshot=0', '--checkpoint=1Ki', launcher=['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'])
-    state = torch.load(outdir / 'training-state-0000000.pt', weights_only=False)  # saved after the DDP consistency check
+        '--snapshot=0', '--checkpoint=1Ki', launcher=torchrun())
+    state = load_state(outdir / 'training-state-0000000.pt')  # saved after the DDP consistency check
     assert state['state']['cur_nimg'] == 256
     assert all(entry['step'].item() == 8 for entry in state['optimizer']['state'].values())
     assert 'Processes:          2 on cpu' in result.stdout
     assert all('CDM/consistency' in row for row in read_stats(outdir)[1:])
 
 #----------------------------------------------------------------------------
-# Learning: on the Gaussian mixture of test_cd_learning.py, from scratch, CDM is not worse than EDM2.
+# Learning: on the Gaussian mixture of helpers.py (as in test_cd_learning.py), from scratch, CDM is not worse than EDM2.
 
 class MLPWithLogvar(MLPDenoiser):
     """The MLP denoiser plus an uncertainty output log u(sigma) from Fourier features of c_noise."""

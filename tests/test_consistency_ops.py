@@ -4,23 +4,16 @@ Reference numbers come from tests/fixtures/{karras,grids,weights,edges,ddim,heun
 from the project's parity set (produced by the MSCD reference); tolerances follow its README.
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
+from helpers import AnalyticTeacher, GaussianDenoiser, load_fixture
 from training import consistency_ops as ops
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
 SAMPLE_FIELDS = ['step_j', 'n_rel', 'k_s', 'sigma_t', 'sigma_s', 'sigma_bdry', 'is_terminal', 'is_boundary_snap']
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
-
-
-def load(name):
-    with np.load(os.path.join(FIXTURES, f'{name}.npz')) as data:
-        return dict(data)
 
 
 def config_names(table):
@@ -41,26 +34,6 @@ def fixture_sampler_inputs(grids, cfg):
         terminal_k=int(grids[f'{cfg}__terminal_k']),
     )
 
-
-class AnalyticTeacher(torch.nn.Module):
-    """The parity set's analytic teacher, in float32 and in the stated operation order."""
-
-    def forward(self, x, sigma, class_labels=None, **kwargs):
-        x = x.to(torch.float32)
-        s = torch.as_tensor(sigma).to(torch.float32).reshape(-1, 1, 1, 1)
-        return x * 0.25 / (s * s + 0.25) + 0.1 * torch.tanh(x) * s / (s + 1)
-
-
-class GaussianDenoiser(torch.nn.Module):
-    """Exact denoiser for data ~ N(0, sigma_data^2 I); its ODE solution is x * sqrt((s^2+d^2)/(t^2+d^2))."""
-
-    def __init__(self, sigma_data=0.5):
-        super().__init__()
-        self.sigma_data = sigma_data
-
-    def forward(self, x, sigma, class_labels=None):
-        s = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1)
-        return x * self.sigma_data ** 2 / (s ** 2 + self.sigma_data ** 2)
 
 #----------------------------------------------------------------------------
 # Straightforward loops written from the parity README's rules, to check fresh configurations.
@@ -102,7 +75,7 @@ def random_configs(count, seed):
 # Grids.
 
 def test_karras_sigmas_match_reference():
-    data = load('karras')
+    data = load_fixture('karras')
     for i, (num_nodes, sigma_min, sigma_max, rho) in enumerate(data['configs']):
         sigmas = ops.make_karras_sigmas(int(num_nodes), sigma_min, sigma_max, rho)
         assert sigmas.dtype == torch.float64 and sigmas.device.type == 'cpu'
@@ -121,7 +94,7 @@ def test_karras_sigmas_round_fn_and_errors():
 
 
 def test_grids_match_reference():
-    grids = load('grids')
+    grids = load_fixture('grids')
     for cfg, (S, T) in zip(config_names(grids), grids['configs']):
         student, teacher, terminal_k = ops.build_student_teacher_grids(int(S), int(T), 0.002, 80, 7)
         np.testing.assert_allclose(student.numpy(), grids[f'{cfg}__student_sigmas'], rtol=1e-12, atol=0)
@@ -145,7 +118,7 @@ def test_grids_match_reference():
 
 
 def test_filter_tolerance_probe_and_partition_fallback():
-    grids = load('grids')
+    grids = load_fixture('grids')
     student = torch.from_numpy(grids['filter_tol__student_sigmas'])
     teacher = torch.from_numpy(grids['filter_tol__teacher_sigmas'])
     filtered, terminal_k = ops.filter_teacher_edges_by_sigma(student, teacher)
@@ -191,7 +164,7 @@ def test_partition_rejects_unsorted_grids():
 
 
 def test_anneal_schedule_matches_reference():
-    data = load('anneal')
+    data = load_fixture('anneal')
     for case in ['a', 'defaults', 'no_anneal']:
         T_start, T_end, horizon = data[f'{case}__params']
         schedule = [ops.annealed_teacher_edges(float(kimg), int(T_start), int(T_end), float(horizon))
@@ -204,7 +177,7 @@ def test_anneal_schedule_matches_reference():
 # Importance weights and edge sampling.
 
 def test_importance_weights_match_reference():
-    data = load('weights')
+    data = load_fixture('weights')
     for case in data['case_names']:
         rho, P_mean, P_std = data[f'{case}__params']
         teacher = torch.from_numpy(data[f'{case}__teacher_sigmas'])
@@ -234,7 +207,7 @@ def test_importance_weights_on_fresh_grids_follow_formulas():
 
 def test_sampler_reproduces_reference_draws_exactly():
     # The parity set's optional RNG-exact check: same CPU generator consumption as the reference.
-    edges, grids = load('edges'), load('grids')
+    edges, grids = load_fixture('edges'), load_fixture('grids')
     for cfg in config_names(edges):
         for tag in edges['sampling_modes']:
             mode, anchor = parse_tag(tag)
@@ -252,7 +225,7 @@ def check_draw_frequencies(cfg_names, num_draws):
     p-value is computed per edge and all are tested at a family-wise level of 1e-3 (Bonferroni over
     every edge of every config and mode). Seeds are the reference's own empirical-draw seeds.
     """
-    edges, grids = load('edges'), load('grids')
+    edges, grids = load_fixture('edges'), load_fixture('grids')
     p_values = []
     for cfg in cfg_names:
         for tag in edges['sampling_modes']:
@@ -278,12 +251,12 @@ def test_draw_frequencies_small_grids():
 
 @pytest.mark.slow
 def test_draw_frequencies_all_configs():
-    check_draw_frequencies(config_names(load('edges')), num_draws=200_000)
+    check_draw_frequencies(config_names(load_fixture('edges')), num_draws=200_000)
 
 
 def test_per_edge_table_matches_reference_for_every_edge():
     # Enumerate every edge through the sampler: the uniform mode maps (j, u) deterministically.
-    edges, grids = load('edges'), load('grids')
+    edges, grids = load_fixture('edges'), load_fixture('grids')
     for cfg in config_names(edges):
         inputs = fixture_sampler_inputs(grids, cfg)
         table = {field: edges[f'{cfg}__{field}'] for field in SAMPLE_FIELDS}
@@ -353,7 +326,7 @@ def test_uniform_mode_gives_terminal_edge_one_over_S():
 
 @pytest.mark.parametrize('case', ['f32', 'f64', 'scalar'])
 def test_ddim_and_inverse_match_reference(case):
-    data = load('ddim')
+    data = load_fixture('ddim')
     get = lambda key: torch.from_numpy(data[f'{case}__{key}'])
     step = ops.ddim_step_edm(get('x_t'), get('x_pred_t'), get('sigma_t'), get('sigma_s'))
     inverse = ops.inv_ddim_edm(get('x_ref'), get('x_t'), get('sigma_t'), get('sigma_ref'))
@@ -364,7 +337,7 @@ def test_ddim_and_inverse_match_reference(case):
 
 
 def test_ddim_inverse_roundtrip_and_special_rows():
-    data = load('ddim')
+    data = load_fixture('ddim')
     get = lambda key: torch.from_numpy(data[f'f64__{key}'])
     x_t, x_ref, sigma_t, sigma_ref = get('x_t'), get('x_ref'), get('sigma_t'), get('sigma_ref')
     target = ops.inv_ddim_edm(x_ref, x_t, sigma_t, sigma_ref)
@@ -406,7 +379,7 @@ def test_unchecked_steps_give_the_same_values_and_skip_the_checks():
 
 @pytest.mark.parametrize('case', ['f32', 'f64'])
 def test_heun_hop_matches_reference(case):
-    data = load('heun')
+    data = load_fixture('heun')
     x_t = torch.from_numpy(data[f'{case}__x_t'])
     sigma_t, sigma_s = torch.from_numpy(data['sigma_t']), torch.from_numpy(data['sigma_s'])
     teacher = AnalyticTeacher()
@@ -422,7 +395,7 @@ def test_heun_hop_matches_reference(case):
 
 @pytest.mark.parametrize('device', DEVICES)
 def test_heun_hop_is_second_order_on_gaussian_data(device):
-    net = GaussianDenoiser()
+    net = GaussianDenoiser(mu=0.0, s=0.5)  # data ~ N(0, 0.5^2 I): the ODE solution is x * sqrt((s^2+d^2)/(t^2+d^2))
     x_t = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device)
     sigma_t = torch.full([4], 1.0, dtype=torch.float64, device=device)
     errors = []

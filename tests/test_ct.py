@@ -3,19 +3,14 @@ on the exact Gaussian-mixture problem."""
 
 import json
 import os
-import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import dnnlib
 from generate_images import consistency_sampler
-from test_cd_learning import (MLPDenoiser, MixtureDenoiser, RHO, SIGMA_MAX, SIGMA_MIN, distil, distribution_report,
-    fit_to_teacher, sample_mixture)
-from test_cd_train import make_teacher
-from test_training_loop import write_image_zip
+from helpers import (MLPDenoiser, MixtureDenoiser, RHO, SIGMA_MAX, SIGMA_MIN, assert_same_state, distil,
+    distribution_report, fit_to_teacher, load_pickle, load_state, run_script, sample_mixture, torchrun)
 from training.loss_cd import EDMConsistencyDistillLoss
 from training.loss_ct import ConsistencyTrainingLoss
 
@@ -75,19 +70,11 @@ def test_ct_refuses_settings_it_cannot_use(kwargs, option):
     assert info.value.option == option
 
 #----------------------------------------------------------------------------
-# The command line.
+# The command line, on conftest.py's data16 and, as the network to start from, its teacher16.
 
 @pytest.fixture(scope='module')
-def ct_workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp('ct')
-    data = write_image_zip(root / 'd16.zip', 64, 16)
-    make_teacher(root / 'init.pkl', label_dim=0)
-    return root, data
-
-
-def run_train(repo_root, env, *args):
-    return subprocess.run([sys.executable, 'train_edm2.py', *args], cwd=repo_root, env=env, capture_output=True,
-        text=True, timeout=600)
+def ct_workdir(tmp_path_factory, data16):
+    return tmp_path_factory.mktemp('ct'), data16
 
 
 CT_ARGS = ['--method=ct', '--preset=tiny-img16', '--cond=False', '--channels=8', '--S=2', '--T_start=4', '--T_end=8',
@@ -95,39 +82,30 @@ CT_ARGS = ['--method=ct', '--preset=tiny-img16', '--cond=False', '--channels=8',
 
 
 @pytest.mark.slow
-def test_ct_from_scratch_samples_in_S_steps_and_resumes_identically(ct_workdir, repo_root, subprocess_env):
+def test_ct_from_scratch_samples_in_S_steps_and_resumes_identically(ct_workdir):
     root, data = ct_workdir
     straight, resumed = root / 'straight', root / 'resumed'
     for outdir, duration in [(straight, '2Ki'), (resumed, '1Ki'), (resumed, '2Ki')]:
-        result = run_train(repo_root, subprocess_env, f'--outdir={outdir}', f'--data={data}', f'--duration={duration}', *CT_ARGS)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    a = torch.load(straight / 'training-state-0000002.pt', weights_only=False)
-    b = torch.load(resumed / 'training-state-0000002.pt', weights_only=False)
-    for name, value in a['net'].items():
-        assert torch.equal(b['net'][name], value), name
-    assert a['loss_fn'] == b['loss_fn']
+        run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data}', f'--duration={duration}', *CT_ARGS)
+    a = load_state(straight / 'training-state-0000002.pt')
+    b = load_state(resumed / 'training-state-0000002.pt')
+    assert_same_state(a, b, parts=('net', 'loss_fn'))
 
     snapshot = straight / 'network-snapshot-0000002-0.100.pkl'
-    with open(snapshot, 'rb') as f:
-        data_pkl = pickle.load(f)
+    data_pkl = load_pickle(snapshot)
     assert data_pkl['cd']['method'] == 'ct' and data_pkl['cd']['S'] == 2 and data_pkl['cd']['init'] is None
-    result = subprocess.run([sys.executable, 'generate_images.py', f'--net={snapshot}', f'--outdir={root / "out"}',
-        '--seeds=0-3'], cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_script('generate_images.py', f'--net={snapshot}', f'--outdir={root / "out"}', '--seeds=0-3')
     assert len(os.listdir(root / 'out')) == 4
 
 
 @pytest.mark.slow
-def test_ct_from_init_starts_from_its_weights(ct_workdir, repo_root, subprocess_env):
+def test_ct_from_init_starts_from_its_weights(ct_workdir, teacher16):
     root, data = ct_workdir
     outdir = root / 'tuned'
-    args = [f'--outdir={outdir}', f'--data={data}', f'--init={root / "init.pkl"}', '--duration=64', *CT_ARGS]
-    result = run_train(repo_root, subprocess_env, *[arg for arg in args if arg != '--channels=8'])
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    with open(outdir / 'network-snapshot-0000000-0.100.pkl', 'rb') as f:
-        start = pickle.load(f)['ema']
-    with open(root / 'init.pkl', 'rb') as f:
-        init = pickle.load(f)['ema']
+    args = [f'--outdir={outdir}', f'--data={data}', f'--init={teacher16}', '--duration=64', *CT_ARGS]
+    run_script('train_edm2.py', *[arg for arg in args if arg != '--channels=8'])
+    start = load_pickle(outdir / 'network-snapshot-0000000-0.100.pkl')['ema']
+    init = load_pickle(teacher16)['ema']
     with torch.no_grad():  # a training-mode pass normalises EDM2's weights in place, as the run's first pass does
         init.train()(torch.zeros([1, 3, 16, 16]), torch.ones([1]))
     for (name, a), (_, b) in zip(start.state_dict().items(), init.state_dict().items()):
@@ -135,21 +113,18 @@ def test_ct_from_init_starts_from_its_weights(ct_workdir, repo_root, subprocess_
     options = json.load(open(outdir / 'training_options.json'))
     assert len(options['loss_kwargs']['init_sha256']) == 64
 
-    refused = run_train(repo_root, subprocess_env, *args)  # --channels cannot change the starting network
+    refused = run_script('train_edm2.py', *args, check=False)  # --channels cannot change the starting network
     assert refused.returncode == 2 and 'architecture of its pretrained network' in refused.stderr
-    refused = run_train(repo_root, subprocess_env, f'--outdir={root / "bad"}', f'--data={data}', '--duration=64',
-        f'--teacher={root / "init.pkl"}', *CT_ARGS)
+    refused = run_script('train_edm2.py', f'--outdir={root / "bad"}', f'--data={data}', '--duration=64',
+        f'--teacher={teacher16}', *CT_ARGS, check=False)
     assert refused.returncode == 2 and '--teacher is an option of --method=cd' in refused.stderr
 
 
 @pytest.mark.slow
-def test_ct_ddp_two_processes(ct_workdir, repo_root, subprocess_env):
+def test_ct_ddp_two_processes(ct_workdir):
     root, data = ct_workdir
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_edm2.py',
-        f'--outdir={root / "ddp"}', f'--data={data}', '--duration=1Ki', *CT_ARGS]
-    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=600)
     # The loop checks after each checkpoint that the ranks' weights agree.
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_script('train_edm2.py', f'--outdir={root / "ddp"}', f'--data={data}', '--duration=1Ki', *CT_ARGS, launcher=torchrun())
     assert (root / 'ddp' / 'training-state-0000001.pt').is_file()
 
 #----------------------------------------------------------------------------

@@ -1,49 +1,14 @@
-import io
 import json
 import os
 import pickle
-import zipfile
 
 import numpy as np
-import PIL.Image
 import pytest
 
+from helpers import image_set, latent_files, npy_bytes, png_bytes, random_images, write_dataset
 from training.dataset import DatasetError, ImageFolderDataset, SampleFolder
 
-#----------------------------------------------------------------------------
-# Datasets written directly with PIL/numpy, independent of dataset_tool.py.
-
-def random_images(count, size=8, channels=3, seed=0):
-    shape = [count, size, size, channels] if channels > 1 else [count, size, size]
-    return np.random.RandomState(seed).randint(0, 256, size=shape, dtype=np.uint8)
-
-def png_bytes(array):
-    buf = io.BytesIO()
-    PIL.Image.fromarray(array).save(buf, format='png')
-    return buf.getvalue()
-
-def write_dataset(root, files, labels=None, as_zip=False):
-    """files: {archive name: bytes}. labels: list of [name, label] or None (no dataset.json)."""
-    entries = dict(files)
-    if labels is not None:
-        entries['dataset.json'] = json.dumps({'labels': labels}).encode()
-    if as_zip:
-        path = str(root) + '.zip'
-        with zipfile.ZipFile(path, 'w') as archive:
-            for name, data in entries.items():
-                archive.writestr(name, data)
-        return path
-    for name, data in entries.items():
-        os.makedirs(os.path.dirname(os.path.join(root, name)), exist_ok=True)
-        with open(os.path.join(root, name), 'wb') as f:
-            f.write(data)
-    return str(root)
-
-def image_set(images, classes=None):
-    names = [f'{idx // 3:05d}/img{idx:08d}.png' for idx in range(len(images))]
-    files = {name: png_bytes(image) for name, image in zip(names, images)}
-    labels = None if classes is None else [[name, int(c)] for name, c in zip(names, classes)]
-    return files, labels
+# Datasets are written directly with PIL/numpy (helpers.write_dataset, image_set), independent of dataset_tool.py.
 
 #----------------------------------------------------------------------------
 
@@ -116,12 +81,7 @@ def test_grayscale_png_has_one_channel(tmp_path):
 
 def test_npy_latents(tmp_path):
     latents = np.random.RandomState(1).randn(3, 8, 4, 4).astype(np.float32)
-    files = {}
-    for idx, array in enumerate(latents):
-        buf = io.BytesIO()
-        np.save(buf, array)
-        files[f'00000/img-mean-std-{idx:08d}.npy'] = buf.getvalue()
-    ds = ImageFolderDataset(write_dataset(tmp_path / 'latents', files, as_zip=True), resolution=4)
+    ds = ImageFolderDataset(write_dataset(tmp_path / 'latents', latent_files(latents), as_zip=True), resolution=4)
     assert ds.image_shape == [8, 4, 4] and ds.resolution == 4
     image, _ = ds[2]
     assert image.dtype == np.float32
@@ -252,15 +212,10 @@ def test_damaged_png_read_gives_dataset_error(tmp_path, as_zip, damage, error):
     with pytest.raises(DatasetError, match=f'{bad_name} in dataset {path}: .*{error}'):
         ds[1]
 
-def npy_bytes(array):
-    buf = io.BytesIO()
-    np.save(buf, array)
-    return buf.getvalue()
-
 @pytest.mark.parametrize('bad', [b'random bytes, not numpy', npy_bytes(np.zeros(4, np.float32)), npy_bytes(np.array(['ab', 'cd'])),
                                  npy_bytes(np.zeros([8, 4, 4], np.float32))[:-10]])
 def test_bad_npy_gives_dataset_error(tmp_path, bad):
-    files = {f'00000/img-mean-std-{idx:08d}.npy': npy_bytes(np.zeros([8, 4, 4], np.float32)) for idx in range(3)}
+    files = latent_files([np.zeros([8, 4, 4], np.float32)] * 3)
     files['00000/img-mean-std-00000001.npy'] = bad
     ds = ImageFolderDataset(write_dataset(tmp_path / 'latents', files, as_zip=True))
     ds[0]

@@ -2,13 +2,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import dnnlib
+from helpers import run_script, script_command, torchrun
 from torch_utils import distributed as dist
 
 
@@ -123,8 +123,8 @@ def test_killed_save_leaves_loadable_checkpoint(tmp_path, subprocess_env, repo_r
     script.write_text(_SLOW_SAVER)
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], env=subprocess_env, cwd=repo_root,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(script_command(script, run_dir), env=subprocess_env, cwd=repo_root, stdout=subprocess.PIPE,
+                            text=True)
     try:
         assert proc.stdout.readline().strip() == 'ready'
         deadline = time.time() + 60
@@ -171,17 +171,15 @@ script_end = time.monotonic()
 '''
 
 
-def _run_init_worker(tmp_path, env, cwd, launcher):
+def _run_init_worker(tmp_path, env=None, launcher=()):
     script = tmp_path / 'init_worker.py'
     script.write_text(_INIT_WORKER)
-    proc = subprocess.run(launcher + [str(script), str(tmp_path)], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
+    return run_script(script, tmp_path, env=env, launcher=launcher).stdout
 
 
-def test_init_as_plain_process(tmp_path, subprocess_env, repo_root):
+def test_init_as_plain_process(tmp_path, subprocess_env):
     env = {k: v for k, v in subprocess_env.items() if k not in ['MASTER_ADDR', 'MASTER_PORT', 'RANK', 'LOCAL_RANK', 'WORLD_SIZE']}
-    stdout = _run_init_worker(tmp_path, env, repo_root, [sys.executable])
+    stdout = _run_init_worker(tmp_path, env)
     assert stdout.count('hello from rank 0') == 1
     result = json.loads((tmp_path / 'rank0.json').read_text())
     assert result['rank'] == 0 and result['world'] == 1 and result['backend'] == 'gloo'
@@ -192,9 +190,8 @@ def test_init_as_plain_process(tmp_path, subprocess_env, repo_root):
 
 
 @pytest.mark.slow
-def test_init_under_torchrun(tmp_path, subprocess_env, repo_root):
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    stdout = _run_init_worker(tmp_path, subprocess_env, repo_root, launcher)
+def test_init_under_torchrun(tmp_path):
+    stdout = _run_init_worker(tmp_path, launcher=torchrun())
     assert 'hello from rank 0' in stdout and 'hello from rank 1' not in stdout
     for rank in range(2):
         result = json.loads((tmp_path / f'rank{rank}.json').read_text())

@@ -1,12 +1,11 @@
 import io
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import run_script
 from torch_utils import persistence
 from training.encoders import StabilityVAEEncoder, StandardRGBEncoder
 
@@ -145,7 +144,7 @@ def test_vae_encoder_pickle_layout():
     assert state['_vae'] is None and state['batch_size'] == 4
     assert state['scale'].dtype == np.float32 and state['scale'].shape == (4,)
 
-def test_encoders_unpickle_without_training_package(tmp_path, repo_root, subprocess_env):
+def test_encoders_unpickle_without_training_package(tmp_path):
     path = tmp_path / 'encoders.pkl'
     path.write_bytes(pickle.dumps(dict(rgb=StandardRGBEncoder(), vae=StabilityVAEEncoder(final_std=0.25))))
     script = (
@@ -154,8 +153,7 @@ def test_encoders_unpickle_without_training_package(tmp_path, repo_root, subproc
         'assert "training" not in sys.modules and "training.encoders" not in sys.modules\n'
         'print(type(objs["rgb"]).__name__, type(objs["vae"]).__name__, objs["vae"].scale[0])\n'
     )
-    result = subprocess.run([sys.executable, '-c', script], cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    result = run_script('-c', script)
     rgb_name, vae_name, scale0 = result.stdout.split()
     assert (rgb_name, vae_name) == ('StandardRGBEncoder', 'StabilityVAEEncoder')
     assert float(scale0) == pytest.approx(0.25 / 4.17, rel=1e-6)

@@ -3,29 +3,19 @@
 import inspect
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from click.testing import CliRunner
 
-import dnnlib
 import generate_images
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+from helpers import (GaussianDenoiser, assert_user_error, error_line, invoke, load_fixture, network_pickle, run_script,
+    save_pickle, tiny_precond, torchrun)
 
 #----------------------------------------------------------------------------
-# Analytic denoisers. For data y ~ N(mu, s^2) per pixel, E[y | y + sigma n = x] = mu + s^2/(s^2+sigma^2) (x - mu),
-# and the probability-flow ODE moves x along x(sigma) - mu = (x(sigma_a) - mu) sqrt(s^2+sigma^2)/sqrt(s^2+sigma_a^2).
-
-def gaussian_denoiser(mu, s):
-    def denoise(x, sigma, labels=None):
-        sigma = torch.as_tensor(sigma, dtype=x.dtype)
-        return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
-    return denoise
-
+# Analytic denoisers. For data y ~ N(mu, s^2) per pixel, helpers.GaussianDenoiser(mu, s) is exact, and the
+# probability-flow ODE moves x along x(sigma) - mu = (x(sigma_a) - mu) sqrt(s^2+sigma^2)/sqrt(s^2+sigma_a^2).
 
 def ode_endpoint(x, sigma, mu, s):
     """Where the exact ODE trajectory through x at noise level sigma ends at sigma = 0."""
@@ -67,22 +57,22 @@ class CallLog:
 def test_heun_reaches_gaussian_ode_solution():
     mu, s = 0.3, 0.5
     noise = torch.randn([64, 1, 2, 2], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    net = CallLog(gaussian_denoiser(mu, s))
+    net = CallLog(GaussianDenoiser(mu, s))
     out = generate_images.edm_sampler(net, noise, num_steps=128, dtype=torch.float64)
     expected = ode_endpoint(noise * 80, 80, mu, s)
     assert torch.allclose(out, expected, rtol=0, atol=2e-3)
     assert len(net.sigmas) == 2 * 128 - 1
     assert net.sigmas[0] == pytest.approx(80) and min(net.sigmas) == pytest.approx(0.002)
     # Heun is 2nd order: halving the step count roughly quadruples the error.
-    error_64 = (generate_images.edm_sampler(gaussian_denoiser(mu, s), noise, num_steps=64, dtype=torch.float64) - expected).abs().max()
-    error_32 = (generate_images.edm_sampler(gaussian_denoiser(mu, s), noise, num_steps=32, dtype=torch.float64) - expected).abs().max()
+    error_64 = (generate_images.edm_sampler(GaussianDenoiser(mu, s), noise, num_steps=64, dtype=torch.float64) - expected).abs().max()
+    error_32 = (generate_images.edm_sampler(GaussianDenoiser(mu, s), noise, num_steps=32, dtype=torch.float64) - expected).abs().max()
     assert 3 < error_32 / error_64 < 5
 
 
 def test_heun_guidance_follows_interpolated_denoiser():
     s, mu_cond, mu_guide, w = 0.5, 0.4, -0.2, 2.5
     noise = torch.randn([32, 1, 2, 2], generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    net, gnet = CallLog(gaussian_denoiser(mu_cond, s)), CallLog(gaussian_denoiser(mu_guide, s))
+    net, gnet = CallLog(GaussianDenoiser(mu_cond, s)), CallLog(GaussianDenoiser(mu_guide, s))
     out = generate_images.edm_sampler(net, noise, gnet=gnet, guidance=w, num_steps=128, dtype=torch.float64)
     # Both denoisers share s, so the guided one is the Gaussian denoiser with mean lerp(mu_guide, mu_cond, w).
     expected = ode_endpoint(noise * 80, 80, mu_guide + w * (mu_cond - mu_guide), s)
@@ -105,7 +95,7 @@ def test_heun_churn_keeps_the_data_distribution():
     gen = torch.Generator().manual_seed(3)
     noise = torch.randn([20000, 1, 1, 1], generator=gen, dtype=torch.float64)
     draws, randn_like = counted_randn_like(gen)
-    out = generate_images.edm_sampler(gaussian_denoiser(mu, s), noise, num_steps=128, S_churn=40, S_min=0.05, S_max=50,
+    out = generate_images.edm_sampler(GaussianDenoiser(mu, s), noise, num_steps=128, S_churn=40, S_min=0.05, S_max=50,
                                       dtype=torch.float64, randn_like=randn_like)
     sigmas = karras_nodes(128, 0.002, 80, 7)
     assert len(draws) == int(((sigmas >= 0.05) & (sigmas <= 50)).sum())
@@ -117,7 +107,7 @@ def test_heun_churn_keeps_the_data_distribution():
 
 def test_consistency_sampler_is_exact_for_an_ideal_student():
     mu, s, S = -0.1, 0.5, 8
-    nodes = np.load(os.path.join(FIXTURES, 'student_grids.npz'))['S8_nodes']
+    nodes = load_fixture('student_grids')['S8_nodes']
     noise = torch.randn([16, 2, 2, 2], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     net = CallLog(ideal_student(mu, s, nodes))
     out = generate_images.consistency_sampler(net, noise, num_steps=S, dtype=torch.float64)
@@ -126,7 +116,7 @@ def test_consistency_sampler_is_exact_for_an_ideal_student():
 
 
 def test_consistency_sampler_grid_is_float64_karras_cast_to_dtype():
-    nodes = np.load(os.path.join(FIXTURES, 'student_grids.npz'))['S5_sigma_min0p01_sigma_max10_rho3_nodes']
+    nodes = load_fixture('student_grids')['S5_sigma_min0p01_sigma_max10_rho3_nodes']
     net = CallLog(lambda x, sigma, labels: torch.zeros_like(x))
     generate_images.consistency_sampler(net, torch.zeros([1, 1, 1, 1]), num_steps=5, sigma_min=0.01, sigma_max=10, rho=3)
     assert net.sigmas == [float(np.float32(v)) for v in nodes]
@@ -158,35 +148,7 @@ def test_stochastic_consistency_sampler_samples_the_data_distribution():
     assert (out - deterministic).abs().max() > 0.1
 
 #----------------------------------------------------------------------------
-# Tiny EDM2 networks and pickles.
-
-def tiny_precond(label_dim=0, seed=0):
-    from training.networks_edm2 import Precond
-    torch.manual_seed(seed)
-    net = Precond(img_resolution=8, img_channels=3, label_dim=label_dim, model_channels=16, channel_mult=[1, 2],
-                  num_blocks=1, attn_resolutions=[4], logvar_channels=8)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith('_gain'):
-                param.fill_(1)  # fresh gains are 0, which would hide the U-Net and the conditioning
-    return net.eval().requires_grad_(False)
-
-
-def network_pickle(net, cd=None):
-    from training.encoders import StandardRGBEncoder
-    data = dnnlib.EasyDict(encoder=StandardRGBEncoder(),
-                           dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='none', use_labels=False),
-                           ema=net)
-    if cd is not None:
-        data.cd = cd
-    return data
-
-
-def save_pickle(obj, path):
-    with open(path, 'wb') as f:
-        pickle.dump(obj, f)
-    return str(path)
-
+# Tiny EDM2 networks (helpers.tiny_precond, frozen as a loaded pickle) and pickles.
 
 def read_png(path):
     return np.asarray(PIL.Image.open(path)).transpose(2, 0, 1)
@@ -212,7 +174,7 @@ def collect(**kwargs):
 
 
 def test_images_depend_only_on_their_seed():
-    net = tiny_precond(label_dim=4)
+    net = tiny_precond(label_dim=4, frozen=True)
     seeds = [3, 1, 4, 15]
     whole = collect(net=net, seeds=seeds, max_batch_size=4, num_steps=2)
     split = collect(net=net, seeds=seeds[::-1], max_batch_size=2, num_steps=2)
@@ -232,7 +194,7 @@ def test_images_depend_only_on_their_seed():
 
 def test_student_pickle_uses_its_own_steps(tmp_path):
     cd = {'S': 3, 'sigma_min': 0.01, 'sigma_max': 10.0, 'rho': 5.0, 'T_start': 8}
-    path = save_pickle(network_pickle(CountingNet(tiny_precond()), cd=cd), tmp_path / 'student.pkl')
+    path = save_pickle(network_pickle(CountingNet(tiny_precond(frozen=True)), cd=cd), tmp_path / 'student.pkl')
     CountingNet.log.clear()
     results = list(generate_images.generate_images(net=path, seeds=range(4), max_batch_size=4, verbose=False, device='cpu'))
     assert len(results) == 1 and results[0].images.shape == (4, 3, 8, 8)
@@ -249,13 +211,13 @@ def test_student_pickle_uses_its_own_steps(tmp_path):
     assert len(CountingNet.log) == 3
 
     with pytest.raises(generate_images.GenerationError, match='[Gg]uidance'):
-        list(generate_images.generate_images(net=path, gnet=tiny_precond(), guidance=2.0, verbose=False, device='cpu'))
+        list(generate_images.generate_images(net=path, gnet=tiny_precond(frozen=True), guidance=2.0, verbose=False, device='cpu'))
     with pytest.raises(generate_images.GenerationError, match='S_churn'):
         list(generate_images.generate_images(net=path, S_churn=10, verbose=False, device='cpu'))
 
 
 def test_teacher_pickle_defaults_to_heun(tmp_path):
-    path = save_pickle(network_pickle(CountingNet(tiny_precond())), tmp_path / 'teacher.pkl')
+    path = save_pickle(network_pickle(CountingNet(tiny_precond(frozen=True))), tmp_path / 'teacher.pkl')
     CountingNet.log.clear()
     list(generate_images.generate_images(net=path, seeds=[0], num_steps=4, verbose=False, device='cpu'))
     assert len(CountingNet.log) == 2 * 4 - 1
@@ -263,7 +225,7 @@ def test_teacher_pickle_defaults_to_heun(tmp_path):
 
 
 def test_subdirs_group_seeds_by_thousand(tmp_path):
-    list(generate_images.generate_images(net=tiny_precond(), outdir=str(tmp_path), subdirs=True, seeds=[999, 1000],
+    list(generate_images.generate_images(net=tiny_precond(frozen=True), outdir=str(tmp_path), subdirs=True, seeds=[999, 1000],
                                          num_steps=1, verbose=False, device='cpu'))
     assert sorted(os.listdir(tmp_path)) == ['000000', '001000']
     assert os.listdir(tmp_path / '000000') == ['000999.png'] and os.listdir(tmp_path / '001000') == ['001000.png']
@@ -314,7 +276,7 @@ def test_stacked_random_generator_draws_per_seed():
 
 def test_generate_images_as_edm2_users_call_it(tmp_path):
     from training.encoders import StandardRGBEncoder
-    net = tiny_precond(label_dim=3)
+    net = tiny_precond(label_dim=3, frozen=True)
     path = save_pickle(network_pickle(net), tmp_path / 'net.pkl')
     seeds = [5, 9, 2]
     image_iter = generate_images.generate_images(path, outdir=str(tmp_path / 'out'), seeds=seeds, max_batch_size=2, num_steps=3,
@@ -358,7 +320,7 @@ class FakeEncoder:
 
 
 def test_generate_images_custom_sampler_gnet_and_encoder():
-    net, guide = tiny_precond(), tiny_precond(seed=1)
+    net, guide = tiny_precond(frozen=True), tiny_precond(seed=1, frozen=True)
     for sampler_fn in (recording_sampler, f'{__name__}.recording_sampler'):
         recording_sampler.calls.clear()
         r, = generate_images.generate_images(net, seeds=[1], sampler_fn=sampler_fn, marker='m', verbose=False, device='cpu')
@@ -383,19 +345,12 @@ def test_parse_int_list():
 #----------------------------------------------------------------------------
 # Command line.
 
-def run_cli(args, env, cwd, check=True):
-    proc = subprocess.run([sys.executable, 'generate_images.py', *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
-
-
-def test_cli_writes_pngs_and_grid(tmp_path, repo_root, subprocess_env):
-    net = tiny_precond()
+def test_cli_writes_pngs_and_grid(tmp_path):
+    net = tiny_precond(frozen=True)
     path = save_pickle(network_pickle(net), tmp_path / 'net.pkl')
     outdir = tmp_path / 'out'
-    run_cli([f'--net={path}', f'--outdir={outdir}', '--seeds=0-4', '--batch=2', '--steps=4', f'--grid={tmp_path}/grid.png'],
-            subprocess_env, repo_root)
+    run_script('generate_images.py', f'--net={path}', f'--outdir={outdir}', '--seeds=0-4', '--batch=2', '--steps=4',
+               f'--grid={tmp_path}/grid.png')
     assert sorted(os.listdir(outdir)) == [f'{seed:06d}.png' for seed in range(5)]
     expected = collect(net=net, seeds=range(5), num_steps=4)
     for seed in range(5):
@@ -408,11 +363,11 @@ def test_cli_writes_pngs_and_grid(tmp_path, repo_root, subprocess_env):
 
 
 @pytest.mark.slow
-def test_cli_student_uses_consistency_sampler(tmp_path, repo_root, subprocess_env):
-    net = tiny_precond(seed=1)
+def test_cli_student_uses_consistency_sampler(tmp_path):
+    net = tiny_precond(seed=1, frozen=True)
     cd = {'S': 2, 'sigma_min': 0.002, 'sigma_max': 80.0, 'rho': 7.0}
     path = save_pickle(network_pickle(net, cd=cd), tmp_path / 'student.pkl')
-    run_cli([f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=5,6'], subprocess_env, repo_root)
+    run_script('generate_images.py', f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=5,6')
     rnd = generate_images.StackedRandomGenerator('cpu', [5, 6])
     noise = rnd.randn([2, 3, 8, 8])
     with torch.no_grad():
@@ -422,25 +377,23 @@ def test_cli_student_uses_consistency_sampler(tmp_path, repo_root, subprocess_en
     assert np.array_equal(read_png(tmp_path / 'out' / '000005.png'), expected[0])
     assert np.array_equal(read_png(tmp_path / 'out' / '000006.png'), expected[1])
 
-    proc = run_cli([f'--net={path}', f'--gnet={path}', '--guidance=2', f'--outdir={tmp_path}/bad'], subprocess_env, repo_root, check=False)
+    proc = run_script('generate_images.py', f'--net={path}', f'--gnet={path}', '--guidance=2', f'--outdir={tmp_path}/bad', check=False)
     assert proc.returncode != 0 and 'guidance' in proc.stderr.lower() and 'Traceback' not in proc.stderr
 
 
 def test_cli_rejects_guidance_without_gnet(tmp_path):
-    result = CliRunner().invoke(generate_images.cmdline, ['--net=net.pkl', '--guidance=2', f'--outdir={tmp_path}'])
+    result = invoke(generate_images.cmdline, '--net=net.pkl', '--guidance=2', f'--outdir={tmp_path}')
     assert result.exit_code != 0 and '--gnet' in result.output
-    result = CliRunner().invoke(generate_images.cmdline, [f'--outdir={tmp_path}'])
+    result = invoke(generate_images.cmdline, f'--outdir={tmp_path}')
     assert result.exit_code != 0 and '--net' in result.output
 
 
 @pytest.mark.slow
-def test_torchrun_splits_seeds_across_ranks(tmp_path, repo_root, subprocess_env):
-    net = tiny_precond()
+def test_torchrun_splits_seeds_across_ranks(tmp_path):
+    net = tiny_precond(frozen=True)
     path = save_pickle(network_pickle(net), tmp_path / 'net.pkl')
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'generate_images.py',
-           f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-6', '--batch=2', '--steps=2', f'--grid={tmp_path}/grid.png']
-    proc = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_script('generate_images.py', f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-6', '--batch=2', '--steps=2',
+               f'--grid={tmp_path}/grid.png', launcher=torchrun())
     expected = collect(net=net, seeds=range(7), num_steps=2)
     for seed in range(7):
         assert np.array_equal(read_png(tmp_path / 'out' / f'{seed:06d}.png'), expected[seed])
@@ -449,34 +402,10 @@ def test_torchrun_splits_seeds_across_ranks(tmp_path, repo_root, subprocess_env)
     assert np.array_equal(grid[:, 16:24, 0:8], expected[6])
 
 #----------------------------------------------------------------------------
-# Bad inputs and bad samples: one-line errors, and nothing written.
-
-def error_line(stderr):
-    """The one 'Error: ...' line a command printed for a user error, which must end its stderr."""
-    assert 'Traceback' not in stderr and 'Aborted' not in stderr, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith('Error:')]
-    assert len(errors) == 1 and lines[-1] == errors[0], stderr
-    return errors[0]
-
-
-def assert_user_error(result, *fragments, exit_code=1):
-    """A CliRunner result of a command that stopped with a one-line message holding every fragment."""
-    assert result.exit_code == exit_code and isinstance(result.exception, SystemExit), (result.output, result.exception)
-    line = error_line(result.stderr)
-    assert all(fragment in line for fragment in fragments), (line, fragments)
-    return line
-
-
-@pytest.fixture
-def no_process_group(monkeypatch):
-    """Run a command in this process (CliRunner) without joining a process group; single-rank code needs none."""
-    from torch_utils import distributed as dist
-    monkeypatch.setattr(dist, 'init', lambda: None)
-
+# Bad inputs and bad samples: one-line errors (helpers.error_line, assert_user_error), and nothing written.
 
 def nan_weight_net():
-    net = tiny_precond()
+    net = tiny_precond(frozen=True)
     with torch.no_grad():
         dict(net.named_parameters())['unet.enc.8x8_conv.weight'].view(-1)[0] = float('nan')
     return net
@@ -486,7 +415,7 @@ def nan_weight_net():
 def bad_network_files(tmp_path_factory):
     """name -> (path, what the message must say) for network pickles that must be refused."""
     root = tmp_path_factory.mktemp('bad_networks')
-    whole = pickle.dumps(network_pickle(tiny_precond()))
+    whole = pickle.dumps(network_pickle(tiny_precond(frozen=True)))
     contents = {'empty.pkl': b'', 'half.pkl': whole[:len(whole) // 2], 'random.pkl': np.random.default_rng(0).bytes(4000),
                 'list.pkl': pickle.dumps([1, 2, 3]), 'nan.pkl': pickle.dumps(network_pickle(nan_weight_net()))}
     for name, data in contents.items():
@@ -499,20 +428,20 @@ def bad_network_files(tmp_path_factory):
 
 
 def test_cli_refuses_bad_network_pickles_before_creating_outdir(tmp_path, bad_network_files, no_process_group):
-    good = save_pickle(network_pickle(tiny_precond()), tmp_path / 'good.pkl')
+    good = save_pickle(network_pickle(tiny_precond(frozen=True)), tmp_path / 'good.pkl')
     outdir, grid = tmp_path / 'out', tmp_path / 'grids' / 'grid.png'
     for name, (path, why) in bad_network_files.items():
         common = [f'--outdir={outdir}', '--seeds=0-1', '--steps=1', f'--grid={grid}']
-        result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', *common])
+        result = invoke(generate_images.cmdline, f'--net={path}', *common)
         assert_user_error(result, f'--net: {path}', why)
-        result = CliRunner().invoke(generate_images.cmdline, [f'--net={good}', f'--gnet={path}', '--guidance=2', *common])
+        result = invoke(generate_images.cmdline, f'--net={good}', f'--gnet={path}', '--guidance=2', *common)
         assert_user_error(result, f'--gnet: {path}', why)
     assert sorted(os.listdir(tmp_path)) == ['good.pkl']
 
 
-def test_cli_truncated_network_is_one_line_in_a_real_process(tmp_path, bad_network_files, repo_root, subprocess_env):
+def test_cli_truncated_network_is_one_line_in_a_real_process(tmp_path, bad_network_files):
     path, _why = bad_network_files['half.pkl']
-    proc = run_cli([f'--net={path}', f'--outdir={tmp_path}/out'], subprocess_env, repo_root, check=False)
+    proc = run_script('generate_images.py', f'--net={path}', f'--outdir={tmp_path}/out', check=False)
     assert proc.returncode == 1 and f'--net: {path}' in error_line(proc.stderr)
     assert os.listdir(tmp_path) == []
 
@@ -521,7 +450,7 @@ def test_cli_float_options_must_be_finite_and_in_range(tmp_path):
     for option, value in [('sigma_min', 'nan'), ('sigma_min', '0'), ('sigma_max', 'inf'), ('sigma_max', '-1'), ('rho', 'nan'),
                           ('guidance', 'nan'), ('guidance', 'inf'), ('S_churn', 'nan'), ('S_churn', '-1'), ('S_min', 'inf'),
                           ('S_max', 'nan'), ('S_max', '-1'), ('S_noise', 'nan'), ('S_noise', '-inf')]:
-        result = CliRunner().invoke(generate_images.cmdline, ['--net=net.pkl', f'--outdir={tmp_path}/out', f'--{option}={value}'])
+        result = invoke(generate_images.cmdline, '--net=net.pkl', f'--outdir={tmp_path}/out', f'--{option}={value}')
         assert_user_error(result, f"'--{option}'", exit_code=2)
     assert os.listdir(tmp_path) == []
     # --S_max may be infinite (its default).
@@ -530,11 +459,11 @@ def test_cli_float_options_must_be_finite_and_in_range(tmp_path):
 
 
 def test_cli_refuses_an_empty_noise_range(tmp_path, no_process_group):
-    path = save_pickle(network_pickle(tiny_precond()), tmp_path / 'net.pkl')
-    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--sigma_min=5', '--sigma_max=1'])
+    path = save_pickle(network_pickle(tiny_precond(frozen=True)), tmp_path / 'net.pkl')
+    result = invoke(generate_images.cmdline, f'--net={path}', f'--outdir={tmp_path}/out', '--sigma_min=5', '--sigma_max=1')
     assert_user_error(result, 'sigma_min = 5.0 is above sigma_max = 1.0')
-    student = save_pickle(network_pickle(tiny_precond(), cd=dict(S=2, sigma_min=0.002, sigma_max=80.0, rho=7.0)), tmp_path / 'student.pkl')
-    result = CliRunner().invoke(generate_images.cmdline, [f'--net={student}', f'--outdir={tmp_path}/out', '--sigma_max=0.001'])
+    student = save_pickle(network_pickle(tiny_precond(frozen=True), cd=dict(S=2, sigma_min=0.002, sigma_max=80.0, rho=7.0)), tmp_path / 'student.pkl')
+    result = invoke(generate_images.cmdline, f'--net={student}', f'--outdir={tmp_path}/out', '--sigma_max=0.001')
     assert_user_error(result, 'sigma_min = 0.002 is above sigma_max = 0.001')
     assert sorted(os.listdir(tmp_path)) == ['net.pkl', 'student.pkl']
 
@@ -552,14 +481,14 @@ def nan_for_seeds(bad_seeds, shape=(3, 8, 8)):
 
 def test_non_finite_samples_name_their_seeds_and_write_nothing_of_their_batch(tmp_path):
     outdir = tmp_path / 'out'
-    batches = generate_images.generate_images(tiny_precond(), outdir=str(outdir), seeds=[4, 5, 6, 7], max_batch_size=2,
+    batches = generate_images.generate_images(tiny_precond(frozen=True), outdir=str(outdir), seeds=[4, 5, 6, 7], max_batch_size=2,
                                               sampler_fn=nan_for_seeds([7]), verbose=False, device='cpu')
     with pytest.raises(generate_images.GenerationError, match=r'NaN or inf for 1 of the 2 seeds of a batch \(seeds 7\); no image'):
         list(batches)
     assert sorted(os.listdir(outdir)) == ['000004.png', '000005.png']  # the batch before is complete, no temporary files
     # The first five seeds and the count; without an outdir the batch is still refused.
     with pytest.raises(generate_images.GenerationError, match=r'for 7 of the 8 seeds of a batch \(seeds 0, 1, 2, 3, 5, \.\.\.\)'):
-        list(generate_images.generate_images(tiny_precond(), seeds=range(8), sampler_fn=nan_for_seeds([0, 1, 2, 3, 5, 6, 7]),
+        list(generate_images.generate_images(tiny_precond(frozen=True), seeds=range(8), sampler_fn=nan_for_seeds([0, 1, 2, 3, 5, 6, 7]),
                                              verbose=False, device='cpu'))
 
 
@@ -587,14 +516,14 @@ class NaNNet(torch.nn.Module):
 
 def test_cli_refuses_non_finite_samples(tmp_path, no_process_group):
     path = save_pickle(network_pickle(NaNNet()), tmp_path / 'nan_out.pkl')
-    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=3-5', '--steps=2',
-                                                          f'--grid={tmp_path}/grid.png'])
+    result = invoke(generate_images.cmdline, f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=3-5', '--steps=2',
+                                                          f'--grid={tmp_path}/grid.png')
     assert_user_error(result, '3 of the 3 seeds', 'seeds 3, 4, 5', 'no image of this batch was written')
     assert os.listdir(tmp_path) == ['nan_out.pkl']
 
 
 def test_pngs_and_grid_appear_atomically(tmp_path, monkeypatch, no_process_group):
-    path = save_pickle(network_pickle(tiny_precond()), tmp_path / 'net.pkl')
+    path = save_pickle(network_pickle(tiny_precond(frozen=True)), tmp_path / 'net.pkl')
     original_save = PIL.Image.Image.save
 
     def save_then_fail(image, fp, *args, **kwargs):
@@ -602,7 +531,7 @@ def test_pngs_and_grid_appear_atomically(tmp_path, monkeypatch, no_process_group
             fp.write(b'\x89PNG half an image')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(PIL.Image.Image, 'save', save_then_fail)
-    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-1', '--steps=1'])
+    result = invoke(generate_images.cmdline, f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-1', '--steps=1')
     assert_user_error(result, 'Cannot write', '000000.png', 'No space left on device')
     assert os.listdir(tmp_path / 'out') == []  # not even a temporary file
 
@@ -612,7 +541,7 @@ def test_pngs_and_grid_appear_atomically(tmp_path, monkeypatch, no_process_group
             return save_then_fail(image, fp, *args, **kwargs)
         return original_save(image, fp, *args, **kwargs)
     monkeypatch.setattr(PIL.Image.Image, 'save', fail_on_grid)
-    result = CliRunner().invoke(generate_images.cmdline, [f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-1', '--steps=1',
-                                                          f'--grid={tmp_path}/grid.png'])
+    result = invoke(generate_images.cmdline, f'--net={path}', f'--outdir={tmp_path}/out', '--seeds=0-1', '--steps=1',
+                                                          f'--grid={tmp_path}/grid.png')
     assert_user_error(result, 'Cannot write', 'grid.png')
     assert sorted(os.listdir(tmp_path)) == ['net.pkl', 'out'] and sorted(os.listdir(tmp_path / 'out')) == ['000000.png', '000001.png']

@@ -3,55 +3,30 @@
 import copy
 import json
 import math
-import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import dnnlib
-
+from helpers import AnalyticStudent, AnalyticTeacher, load_fixture, run_script, tiny_precond, torchrun, weight_versions
 from torch_utils import distributed as dist
 from torch_utils import training_stats
 from training import consistency_ops
 from training.loss_cd import (EDMConsistencyDistillLoss, LOSS_WEIGHTS, device_rng_state, loss_weight,
     synchronised_student_pass)
-from training.networks_edm2 import Precond, suppress_inplace_weight_norm
+from training.networks_edm2 import suppress_inplace_weight_norm
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
-
-#----------------------------------------------------------------------------
-# The analytic networks of the parity fixtures, float32 and evaluated left to right as specified.
-
-class AnalyticTeacher(torch.nn.Module):
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-    @staticmethod
-    def _inputs(x, sigma):
-        return x.to(torch.float32), torch.as_tensor(sigma).to(torch.float32).reshape(-1, 1, 1, 1)
-
-    def forward(self, x, sigma, class_labels=None, **kwargs):
-        x, s = self._inputs(x, sigma)
-        return x * 0.25 / (s * s + 0.25) + 0.1 * torch.tanh(x) * s / (s + 1)
-
-
-class AnalyticStudent(AnalyticTeacher):
-    def forward(self, x, sigma, class_labels=None, **kwargs):
-        x, s = self._inputs(x, sigma)
-        return x * 0.25 / (s * s + 0.25) + 0.2 * torch.sin(1.5 * x) * s / (s * s + 1) - 0.03 * s / (s + 1)
-
+# The analytic networks of the parity fixtures are helpers.AnalyticTeacher and AnalyticStudent; the tiny EDM2
+# networks are helpers.tiny_precond (unit gains, so that the U-Net and its dropout are on).
 
 pytestmark = pytest.mark.usefixtures('single_thread')
 
 
 @pytest.fixture(scope='module')
 def ref():
-    with np.load(os.path.join(FIXTURES, 'loss.npz')) as data:
-        return {key: data[key] for key in data.files}
+    return load_fixture('loss')
 
 
 def fixture_edges(ref):
@@ -62,21 +37,6 @@ def parity_loss(ref, **kwargs):
     T = int(ref['T_target'])
     return EDMConsistencyDistillLoss(AnalyticTeacher(), S=int(ref['S']), T_start=T, T_end=T, report_stats=False, **kwargs)
 
-
-def tiny_precond(seed, dropout=0.0, label_dim=0):
-    torch.manual_seed(seed)
-    net = Precond(img_resolution=8, img_channels=3, label_dim=label_dim, use_fp16=False, model_channels=16,
-        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], logvar_channels=8, dropout=dropout)
-    with torch.no_grad():
-        for name, param in net.named_parameters():
-            if name.endswith('_gain'):
-                param.fill_(1)  # fresh gains are 0, which would switch the U-Net (and its dropout) off
-    return net
-
-
-def weight_versions(net):
-    # The logvar head is not evaluated by CD, so only the U-Net's weights are rewritten by a forward.
-    return {name: param._version for name, param in net.unet.named_parameters() if name.endswith('weight')}
 
 #----------------------------------------------------------------------------
 # Parity with the reference (shared/parity/loss.npz).
@@ -341,10 +301,9 @@ def test_sampling_mode_defaults():
 _DDP_WORKER = r'''
 import json, sys
 import torch
-sys.path.insert(0, sys.argv[2])
 from torch_utils import distributed as dist
 from training.loss_cd import EDMConsistencyDistillLoss
-from test_loss_cd import tiny_precond, weight_versions
+from helpers import tiny_precond, weight_versions
 dist.init()
 teacher, student = tiny_precond(seed=0), tiny_precond(seed=1, dropout=0.1).train()
 student.logvar_linear.requires_grad_(False)  # CD never trains the uncertainty head
@@ -362,13 +321,10 @@ with open(sys.argv[1] + '/rank%d.json' % dist.get_rank(), 'w') as f:
 
 
 @pytest.mark.slow
-def test_ddp_wrapped_student(tmp_path, subprocess_env, repo_root):
+def test_ddp_wrapped_student(tmp_path):
     script = tmp_path / 'ddp_worker.py'
     script.write_text(_DDP_WORKER)
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
-    proc = subprocess.run(launcher + [str(script), str(tmp_path), os.path.join(repo_root, 'tests')],
-        env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(script, tmp_path, launcher=torchrun())  # script_env() makes helpers importable
     results = [json.loads((tmp_path / f'rank{rank}.json').read_text()) for rank in range(2)]
     for result in results:
         assert result['bumps'] == [1] and math.isfinite(result['loss'])

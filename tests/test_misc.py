@@ -1,13 +1,12 @@
 """Tests for torch_utils.misc."""
 
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import run_script, torchrun
 from torch_utils import misc
 
 
@@ -195,13 +194,10 @@ DDP_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.slow
-def test_ddp_helpers_under_torchrun(tmp_path, subprocess_env, repo_root):
+def test_ddp_helpers_under_torchrun(tmp_path):
     script = tmp_path / 'ddp_check.py'
     script.write_text(DDP_SCRIPT)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script)]
-    res = subprocess.run(cmd, env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=240)
-    assert res.returncode == 0, res.stderr
-    out = res.stdout
+    out = run_script(script, launcher=torchrun()).stdout
     assert 'rank0 local=[[1.0, 1.0]] synced=[[1.5, 1.5]]' in out
     assert 'rank1 local=[[2.0, 2.0]] synced=[[1.5, 1.5]]' in out
     assert 'rank0 consistent' in out

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import FIXTURES
 from torch_utils import persistence
 from training import networks_edm2 as nets
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures')
+# SMALL (and make_net) stay this file's own: the layout fixture precond_small_state_dict.txt and the
+# parameter counts below are those of this configuration, not of the tests' other tiny networks.
 SMALL = dict(img_resolution=16, img_channels=3, label_dim=10, model_channels=32, channel_mult=[1, 2],
     num_blocks=1, attn_resolutions=[8])
 

@@ -5,7 +5,6 @@ import importlib.util
 import io
 import os
 import pickle
-import subprocess
 import sys
 import textwrap
 import uuid
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import dnnlib
+from helpers import run_script
 from torch_utils import persistence
 
 TOY_SOURCE = textwrap.dedent('''
@@ -63,10 +63,8 @@ def _import_toy(tmp_path, source=TOY_SOURCE):
     return module
 
 
-def _run_python(code, env, cwd):
-    res = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return res.stdout
+def _run_python(code, cwd):
+    return run_script('-c', textwrap.dedent(code), cwd=cwd).stdout
 
 
 def _capture_meta(data):
@@ -120,7 +118,7 @@ def test_pickle_format_matches_edm2(tmp_path):
     assert 'counter' in state['_buffers']
 
 
-def test_round_trip_in_fresh_process(tmp_path, subprocess_env):
+def test_round_trip_in_fresh_process(tmp_path):
     toy = _import_toy(tmp_path)
     torch.manual_seed(1)
     net = toy.Affine(4, offset=-1.0)
@@ -140,7 +138,7 @@ def test_round_trip_in_fresh_process(tmp_path, subprocess_env):
         assert net.init_kwargs.offset == -1.0
         assert torch.equal(net(data.x), data.y)
         print('loaded-ok')
-    ''', env=subprocess_env, cwd=tmp_path)
+    ''', cwd=tmp_path)
     assert out.strip() == 'loaded-ok'
 
 
@@ -155,7 +153,7 @@ def _edm2_style_pickle(module_src, state):
     return pickle.dumps(dnnlib.util.EasyDict(ema=Raw()))
 
 
-def test_loads_pickle_written_in_edm2_format(tmp_path, subprocess_env):
+def test_loads_pickle_written_in_edm2_format(tmp_path):
     template = torch.nn.Module() # plain module: its __dict__ is exactly what EDM2 stores as state
     template.offset = 2.0
     template.weight = torch.nn.Parameter(torch.tensor([1.0, -3.0]))
@@ -172,7 +170,7 @@ def test_loads_pickle_written_in_edm2_format(tmp_path, subprocess_env):
             net = pickle.load(f)['ema']
         y = net(torch.tensor([[10.0, 10.0]]))
         print(y.tolist(), net.init_kwargs.offset, net.counter.item())
-    ''', env=subprocess_env, cwd=tmp_path)
+    ''', cwd=tmp_path)
     assert out.split() == ['[[12.0,', '-28.0]]', '2.0', '0.0']
 
 

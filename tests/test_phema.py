@@ -2,19 +2,20 @@ import copy
 import math
 import os
 import pickle
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 import reconstruct_phema
+from helpers import assert_user_error, invoke, load_pickle, run_script, save_pickle
 from torch_utils import persistence
 from training import phema
 
 
+# A persistent 19-parameter toy, not an EDM2 network: the EMA arithmetic is checked on its flat parameter
+# vector. Its snapshots carry this file's source, which reconstruct_phema.py runs when it loads them (the
+# `helpers` import resolves there through helpers.script_env()).
 @persistence.persistent_class
 class TinyNet(torch.nn.Module):
     def __init__(self):
@@ -142,16 +143,6 @@ def test_kimg_to_nimg():
         reconstruct_phema.kimg_to_nimg(42)
 
 
-def _write_snapshot(path, data):
-    with open(path, 'wb') as f:
-        pickle.dump(data, f)
-
-
-def _read_snapshot(path):
-    with open(path, 'rb') as f:
-        return pickle.load(f)
-
-
 @pytest.fixture(scope='module')
 def phema_run(tmp_path_factory):
     """Snapshots of a synthetic run, plus the tracked EMA at std 0.070 at each snapshot time."""
@@ -176,7 +167,7 @@ def phema_run(tmp_path_factory):
                     data = dict(ema=copy.deepcopy(ema_net).float(), encoder=None,
                                 dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path='x.zip'),
                                 cd=dict(S=8, index=index))
-                    _write_snapshot(indir / f'network-snapshot-{nimg // 1000:07d}{suffix}.pkl', data)
+                    save_pickle(data, indir / f'network-snapshot-{nimg // 1000:07d}{suffix}.pkl')
     # Files the filters must skip: a kimg-0 snapshot, another prefix and another std.
     for name in ['network-snapshot-0000000-0.050.pkl', 'other-0000016-0.050.pkl', 'network-snapshot-0000016-0.150.pkl']:
         (indir / name).write_bytes(b'not a pickle')
@@ -184,64 +175,58 @@ def phema_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_reconstruction_cli_recovers_tracked_ema(phema_run, tmp_path, subprocess_env, repo_root):
+def test_reconstruction_cli_recovers_tracked_ema(phema_run, tmp_path):
     indir, reference = phema_run
     outdir = tmp_path / 'out'
 
     def run_cli(*args):
-        cmd = [sys.executable, 'reconstruct_phema.py', f'--indir={indir}', f'--outdir={outdir}',
-               '--inprefix=network-snapshot', '--instd=0.05,0.1', *args]
-        proc = subprocess.run(cmd, env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_script('reconstruct_phema.py', f'--indir={indir}', f'--outdir={outdir}', '--inprefix=network-snapshot',
+                   '--instd=0.05,0.1', *args)
 
     run_cli('--outstd=0.070,0.050,0.07', '--batch=1')
     assert sorted(os.listdir(outdir)) == ['phema-0000016-0.050.pkl', 'phema-0000016-0.070.pkl']
     last_nimg = 16 * 1024
-    last_input = _read_snapshot(indir / 'network-snapshot-0000016-0.100.pkl')
-    first_input = _read_snapshot(indir / 'network-snapshot-0000001-0.050.pkl')
+    last_input = load_pickle(indir / 'network-snapshot-0000016-0.100.pkl')
+    first_input = load_pickle(indir / 'network-snapshot-0000001-0.050.pkl')
 
-    out = _read_snapshot(outdir / 'phema-0000016-0.070.pkl')
+    out = load_pickle(outdir / 'phema-0000016-0.070.pkl')
     assert set(out.keys()) == {'ema', 'encoder', 'dataset_kwargs', 'cd'}
     assert out['cd'] == first_input['cd'] and out['dataset_kwargs'] == first_input['dataset_kwargs']
     assert all(p.dtype == torch.float16 for p in out['ema'].parameters())
     assert float(out['ema'].marker) == float(last_input['ema'].marker)
-    gap = (reference[last_nimg] - _flat(_read_snapshot(indir / 'network-snapshot-0000016-0.050.pkl')['ema'])).abs().max()
+    gap = (reference[last_nimg] - _flat(load_pickle(indir / 'network-snapshot-0000016-0.050.pkl')['ema'])).abs().max()
     error = (_flat(out['ema']) - reference[last_nimg]).abs().max()
     assert error < 0.02 * gap
 
-    same = _read_snapshot(outdir / 'phema-0000016-0.050.pkl')
-    tracked_050 = _read_snapshot(indir / 'network-snapshot-0000016-0.050.pkl')
+    same = load_pickle(outdir / 'phema-0000016-0.050.pkl')
+    tracked_050 = load_pickle(indir / 'network-snapshot-0000016-0.050.pkl')
     assert torch.allclose(_flat(same['ema']), _flat(tracked_050['ema']), atol=2e-3)
 
     (outdir / 'phema-0000008-0.060.pkl').write_bytes(b'sentinel')
     run_cli('--outstd=0.060,0.070', '--outkimg=8', '--skip')
     assert (outdir / 'phema-0000008-0.060.pkl').read_bytes() == b'sentinel'
-    middle = _read_snapshot(outdir / 'phema-0000008-0.070.pkl')
+    middle = load_pickle(outdir / 'phema-0000008-0.070.pkl')
     assert (_flat(middle['ema']) - reference[8192]).abs().max() < 0.02 * gap
 
 
 def test_cli_rejects_bad_requests(phema_run, tmp_path):
     indir, _reference = phema_run
-    runner = CliRunner()
     base = [f'--indir={indir}', f'--outdir={tmp_path}', '--inprefix=network-snapshot', '--instd=0.05,0.1']
     cases = [(['--outstd=0.07', '--outkimg=42'], '--outkimg 42'),
              (['--outstd=0.3'], 'outside'),
              (['--outstd=0.07', '--inprefix=missing'], 'no snapshots')]
     for args, message in cases:
-        result = runner.invoke(reconstruct_phema.cmdline, base + args)
+        result = invoke(reconstruct_phema.cmdline, *base, *args)
         assert result.exit_code != 0 and message in result.output, result.output
-    result = runner.invoke(reconstruct_phema.cmdline, base + ['--outstd=0.07'], env={'WORLD_SIZE': '2'})
+    result = invoke(reconstruct_phema.cmdline, *base, '--outstd=0.07', env={'WORLD_SIZE': '2'})
     assert result.exit_code != 0 and 'single process' in result.output
     assert os.listdir(tmp_path) == []
 
 
 def _error_line(result):
     """The one-line message of a command stopped by a user error (no traceback, no bare 'Aborted!')."""
-    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (result.output, result.exception)
     assert 'Traceback' not in result.output and 'Aborted' not in result.output, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith('Error:') and sum(line.startswith('Error:') for line in lines) == 1, result.stderr
-    return lines[-1]
+    return assert_user_error(result, exit_code=None)
 
 
 def test_std_lists_must_be_finite(tmp_path):
@@ -250,7 +235,7 @@ def test_std_lists_must_be_finite(tmp_path):
             reconstruct_phema.parse_std_list(bad)
     for option in ['--outstd', '--instd']:
         args = [f'--indir={tmp_path}', f'--outdir={tmp_path}/out', '--outstd=0.07', f'{option}=0.05,nan']
-        line = _error_line(CliRunner().invoke(reconstruct_phema.cmdline, args))
+        line = _error_line(invoke(reconstruct_phema.cmdline, *args))
         assert f"'{option}'" in line and 'not a finite number' in line
     assert os.listdir(tmp_path) == []
 
@@ -259,10 +244,10 @@ def test_cli_refuses_unreadable_snapshots_and_writes_nothing(phema_run, tmp_path
     indir, _reference = phema_run
     good = indir / 'network-snapshot-0000008-0.050.pkl'
     whole = good.read_bytes()
-    nan_data = _read_snapshot(good)
+    nan_data = load_pickle(good)
     with torch.no_grad():
         nan_data['ema'].weight[0, 0] = float('nan')
-    net_only = _read_snapshot(good)
+    net_only = load_pickle(good)
     net_only['net'] = net_only.pop('ema')
     contents = {'empty': b'', 'truncated': whole[:len(whole) // 2], 'random': np.random.default_rng(0).bytes(len(whole)),
                 'list': pickle.dumps([1, 2]), 'nan': pickle.dumps(nan_data), 'no_ema': pickle.dumps(net_only)}
@@ -277,7 +262,7 @@ def test_cli_refuses_unreadable_snapshots_and_writes_nothing(phema_run, tmp_path
         outdir = tmp_path / f'{case}-out'
         args = [f'--indir={run_dir}', f'--outdir={outdir}', '--inprefix=network-snapshot', '--instd=0.05,0.1',
                 '--outstd=0.06,0.07,0.08', '--batch=1']
-        line = _error_line(CliRunner().invoke(reconstruct_phema.cmdline, args))
+        line = _error_line(invoke(reconstruct_phema.cmdline, *args))
         assert f'--indir snapshot: {run_dir / good.name}' in line and expected[case] in line, (case, line)
         assert not outdir.exists(), case
 
@@ -287,7 +272,7 @@ def test_cli_refuses_missing_or_empty_indir(tmp_path):
     (tmp_path / 'file').write_bytes(b'')
     for indir, message in [(tmp_path / 'missing', 'does not exist'), (tmp_path / 'file', 'is not a directory'),
                            (tmp_path / 'empty', 'holds no snapshots')]:
-        line = _error_line(CliRunner().invoke(reconstruct_phema.cmdline, [f'--indir={indir}', f'--outdir={tmp_path}/out', '--outstd=0.07']))
+        line = _error_line(invoke(reconstruct_phema.cmdline, f'--indir={indir}', f'--outdir={tmp_path}/out', '--outstd=0.07'))
         assert f'--indir: {indir}' in line and message in line
     assert sorted(os.listdir(tmp_path)) == ['empty', 'file']
 

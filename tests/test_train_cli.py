@@ -1,8 +1,5 @@
 import json
 import os
-import pickle
-import subprocess
-import sys
 
 import click
 import numpy as np
@@ -11,12 +8,10 @@ import torch
 
 import dnnlib
 import train_edm2
-from test_training_loop import write_image_zip
+from helpers import (assert_same_state, latent_files, load_pickle, load_state, read_stats, run_script, torchrun,
+    write_dataset, write_image_zip)
 
-
-@pytest.fixture(scope='module')
-def data16(tmp_path_factory):
-    return write_image_zip(tmp_path_factory.mktemp('data') / 'digits16.zip', 64, 16)
+# data16 and teacher16 are conftest.py's.
 
 
 def parse_args(args):
@@ -73,10 +68,7 @@ def test_tiny_preset_config(data16):
 
 
 def test_edm2_preset_defaults_intervals(tmp_path):
-    latents = tmp_path / 'latents'
-    (latents / '00000').mkdir(parents=True)
-    for i in range(2):
-        np.save(latents / '00000' / f'img-mean-std-{i:08d}.npy', np.zeros([8, 64, 64], dtype=np.float32))
+    latents = write_dataset(tmp_path / 'latents', latent_files([np.zeros([8, 64, 64], dtype=np.float32)] * 2))
     c = config_for(f'--data={latents}', '--cond=False', '--preset=edm2-img512-xs')
     assert c.encoder_kwargs.class_name == 'training.encoders.StabilityVAEEncoder'
     assert (c.total_nimg, c.batch_size, c.network_kwargs.model_channels, c.lr_kwargs.ref_lr) == (2048 << 20, 2048, 128, 0.0120)
@@ -114,16 +106,10 @@ def test_config_errors_name_the_option(args, option, message, data16, tmp_path):
 #----------------------------------------------------------------------------
 # The script itself, in subprocesses.
 
-def run_train(repo_root, env, *args, timeout=300):
-    cmd = [sys.executable, os.path.join(repo_root, 'train_edm2.py'), *args]
-    return subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_dry_run(data16, tmp_path, repo_root, subprocess_env):
+def test_dry_run(data16, tmp_path):
     outdir = tmp_path / 'run'
-    result = run_train(repo_root, subprocess_env, f'--outdir={outdir}', f'--data={data16}', '--cond=False',
-        '--preset=tiny-img16', '--duration=2Ki', '--dry-run')
-    assert result.returncode == 0, result.stderr
+    result = run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--cond=False', '--preset=tiny-img16',
+        '--duration=2Ki', '--dry-run')
     config_text = result.stdout.split('Training config:\n', 1)[1].split('\n\n', 1)[0]
     config = json.loads(config_text)
     assert config['total_nimg'] == 2048 and config['batch_size'] == 32
@@ -132,8 +118,8 @@ def test_dry_run(data16, tmp_path, repo_root, subprocess_env):
     assert not outdir.exists()
 
 
-def test_cli_error_exit(tmp_path, repo_root, subprocess_env):
-    result = run_train(repo_root, subprocess_env, f'--outdir={tmp_path / "run"}', f'--data={tmp_path / "missing.zip"}')
+def test_cli_error_exit(tmp_path):
+    result = run_script('train_edm2.py', f'--outdir={tmp_path / "run"}', f'--data={tmp_path / "missing.zip"}', check=False)
     assert result.returncode == 2
     assert 'Invalid value for --data' in result.stderr and 'does not exist' in result.stderr
     assert not (tmp_path / 'run').exists()
@@ -145,17 +131,9 @@ TRAIN_ARGS = ['--cond=False', '--preset=tiny-img16', '--channels=8', '--batch=32
 
 @pytest.fixture(scope='module')
 def full_run(data16, tmp_path_factory):
-    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=repo_root, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1')
     outdir = tmp_path_factory.mktemp('full') / 'run'
-    result = run_train(repo_root, env, f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
     return outdir
-
-
-def read_stats(run_dir):
-    with open(run_dir / 'stats.jsonl') as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.mark.slow
@@ -185,8 +163,7 @@ def test_run_dir_contents(full_run, data16):
     assert all(np.isfinite(entry['Loss/loss']) for entry in stats[1:])
     assert stats[-1]['Loss/learning_rate'] > stats[1]['Loss/learning_rate'] > 0  # still warming up
 
-    with open(full_run / 'network-snapshot-0000002-0.100.pkl', 'rb') as f:
-        snapshot = pickle.load(f)
+    snapshot = load_pickle(full_run / 'network-snapshot-0000002-0.100.pkl')
     assert list(snapshot.keys()) == ['encoder', 'dataset_kwargs', 'loss_fn', 'ema']
     assert snapshot['dataset_kwargs'] == dict(class_name='training.dataset.ImageFolderDataset', path=data16, use_labels=False)
     assert type(snapshot['loss_fn']).__name__ == 'EDM2Loss' and snapshot['loss_fn'].P_mean == -0.8
@@ -194,7 +171,7 @@ def test_run_dir_contents(full_run, data16):
     assert not ema.training and all(t.dtype == torch.float16 for t in [*ema.parameters(), *ema.buffers()])
     assert not any(p.requires_grad for p in ema.parameters())
 
-    state = torch.load(full_run / 'training-state-0000002.pt', weights_only=False)
+    state = load_state(full_run / 'training-state-0000002.pt')
     assert list(state.keys()) == ['state', 'net', 'loss_fn', 'optimizer', 'ema']
     assert state['state']['cur_nimg'] == 2048 and state['state']['total_elapsed_time'] > 0
     assert state['loss_fn']['P_std'] == 1.6
@@ -204,24 +181,17 @@ def test_run_dir_contents(full_run, data16):
 
 
 @pytest.mark.slow
-def test_resume_continues_identically(full_run, data16, tmp_path, repo_root, subprocess_env):
+def test_resume_continues_identically(full_run, data16, tmp_path):
     outdir = tmp_path / 'run'
-    first = run_train(repo_root, subprocess_env, f'--outdir={outdir}', f'--data={data16}', '--duration=1Ki', *TRAIN_ARGS)
-    assert first.returncode == 0, first.stdout + first.stderr
+    run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=1Ki', *TRAIN_ARGS)
     assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == ['training-state-0000001.pt']
-    second = run_train(repo_root, subprocess_env, f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
-    assert second.returncode == 0, second.stdout + second.stderr
+    second = run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--duration=2Ki', *TRAIN_ARGS)
     assert 'training-state-0000001.pt' in second.stdout
 
-    resumed = torch.load(outdir / 'training-state-0000002.pt', weights_only=False)
-    straight = torch.load(full_run / 'training-state-0000002.pt', weights_only=False)
+    resumed = load_state(outdir / 'training-state-0000002.pt')
+    straight = load_state(full_run / 'training-state-0000002.pt')
     assert resumed['state']['cur_nimg'] == straight['state']['cur_nimg'] == 2048
-    for name, value in straight['net'].items():
-        assert torch.equal(resumed['net'][name], value), name
-    for ema_resumed, ema_straight in zip(resumed['ema']['emas'], straight['ema']['emas']):
-        assert all(torch.equal(ema_resumed[name], value) for name, value in ema_straight.items())
-    for index, slots in straight['optimizer']['state'].items():
-        assert all(torch.equal(resumed['optimizer']['state'][index][key], value) for key, value in slots.items())
+    assert_same_state(straight, resumed, parts=('net', 'ema', 'optimizer'))
 
     # The resumed session adds no status at its starting point and repeats the loss sequence.
     stats_resumed, stats_straight = read_stats(outdir), read_stats(full_run)
@@ -233,15 +203,12 @@ def test_resume_continues_identically(full_run, data16, tmp_path, repo_root, sub
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes(data16, tmp_path, repo_root, subprocess_env):
+def test_torchrun_two_processes(data16, tmp_path):
     outdir = tmp_path / 'run'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-        os.path.join(repo_root, 'train_edm2.py'), f'--outdir={outdir}', f'--data={data16}', '--cond=False',
-        '--preset=tiny-img16', '--channels=8', '--batch=32', '--batch-gpu=8', '--duration=256', '--status=128',
-        '--snapshot=0', '--checkpoint=1Ki']
-    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    state = torch.load(outdir / 'training-state-0000000.pt', weights_only=False)
+    run_script('train_edm2.py', f'--outdir={outdir}', f'--data={data16}', '--cond=False', '--preset=tiny-img16',
+        '--channels=8', '--batch=32', '--batch-gpu=8', '--duration=256', '--status=128', '--snapshot=0', '--checkpoint=1Ki',
+        launcher=torchrun())
+    state = load_state(outdir / 'training-state-0000000.pt')
     assert state['state']['cur_nimg'] == 256
     assert all(entry['step'].item() == 8 for entry in state['optimizer']['state'].values())
     log = (outdir / 'log.txt').read_text()
@@ -250,14 +217,6 @@ def test_torchrun_two_processes(data16, tmp_path, repo_root, subprocess_env):
 #----------------------------------------------------------------------------
 # EDM2 habits: a preset sets hyperparameters, the data sets the resolution, and no option is
 # accepted where the chosen mode would not use it.
-
-@pytest.fixture(scope='module')
-def teacher16(tmp_path_factory):
-    from test_cd_train import make_teacher
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pkl'
-    make_teacher(path, label_dim=0)
-    return str(path)
-
 
 @pytest.mark.parametrize('resolution', [16, 32, 64])
 def test_edm2_presets_take_the_resolution_from_the_data(resolution, tmp_path):
@@ -337,42 +296,35 @@ def test_dout_resolutions_in_plain_training(data16):
 
 
 @pytest.mark.slow
-def test_edm2_img64_preset_trains_and_distils_on_small_data(tmp_path, repo_root, subprocess_env):
+def test_edm2_img64_preset_trains_and_distils_on_small_data(tmp_path):
     labels = [i % 10 for i in range(64)]
     data16 = write_image_zip(tmp_path / 'd16.zip', 64, 16, labels=labels)
     data32 = write_image_zip(tmp_path / 'd32.zip', 32, 32, labels=labels[:32])
     schedule = ['--preset=edm2-img64-s', '--batch=32', '--status=256', '--snapshot=1Ki', '--checkpoint=1Ki']
     for data, outdir, duration in [(data32, 'teacher32', '64'), (data16, 'teacher16', '1Ki')]:
-        result = run_train(repo_root, subprocess_env, f'--outdir={tmp_path / outdir}', f'--data={data}',
-            '--channels=8', f'--duration={duration}', *schedule)
-        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    with open(tmp_path / 'teacher16' / 'network-snapshot-0000001-0.100.pkl', 'rb') as f:
-        teacher = pickle.load(f)['ema']
+        run_script('train_edm2.py', f'--outdir={tmp_path / outdir}', f'--data={data}', '--channels=8',
+            f'--duration={duration}', *schedule)
+    teacher = load_pickle(tmp_path / 'teacher16' / 'network-snapshot-0000001-0.100.pkl')['ema']
     assert (teacher.img_resolution, teacher.label_dim, list(teacher.unet.enc)[-1]) == (16, 10, '2x2_block2')
 
-    result = run_train(repo_root, subprocess_env, f'--outdir={tmp_path / "student"}', f'--data={data16}',
+    run_script('train_edm2.py', f'--outdir={tmp_path / "student"}', f'--data={data16}',
         f'--teacher={tmp_path / "teacher16" / "network-snapshot-0000001-0.100.pkl"}', '--duration=1Ki', '--cd_lr=0.001',
         '--S=2', '--T_start=4', '--T_end=8', *schedule)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     student = tmp_path / 'student' / 'network-snapshot-0000001-0.100.pkl'
-    with open(student, 'rb') as f:
-        assert pickle.load(f)['cd']['S'] == 2
-    result = subprocess.run([sys.executable, 'generate_images.py', f'--net={student}', f'--outdir={tmp_path / "out"}',
-        '--seeds=0-3'], cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_pickle(student)['cd']['S'] == 2
+    run_script('generate_images.py', f'--net={student}', f'--outdir={tmp_path / "out"}', '--seeds=0-3')
     assert sorted(os.listdir(tmp_path / 'out')) == [f'{seed:06d}.png' for seed in range(4)]
 
 
 @pytest.mark.slow
-def test_checkpoint_keep_recent(data16, tmp_path, repo_root, subprocess_env):
+def test_checkpoint_keep_recent(data16, tmp_path):
     outdir = tmp_path / 'run'
     args = [f'--outdir={outdir}', f'--data={data16}', '--cond=False', '--preset=tiny-img16', '--channels=8',
         '--batch=32', '--status=1Ki', '--snapshot=0', '--checkpoint=1Ki', '--checkpoint_keep_recent=2']
-    result = run_train(repo_root, subprocess_env, *args, '--duration=3Ki')
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    run_script('train_edm2.py', *args, '--duration=3Ki')
     assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == \
         ['training-state-0000002.pt', 'training-state-0000003.pt']
-    result = run_train(repo_root, subprocess_env, *args, '--duration=4Ki')  # resumes from the newest kept state
+    result = run_script('train_edm2.py', *args, '--duration=4Ki', check=False)  # resumes from the newest kept state
     assert result.returncode == 0 and 'training-state-0000003.pt ... done' in result.stdout
     assert sorted(name for name in os.listdir(outdir) if name.endswith('.pt')) == \
         ['training-state-0000003.pt', 'training-state-0000004.pt']

@@ -1,36 +1,16 @@
-import io
+import ast
 import json
 import math
 import os
-import pickle
-import subprocess
-import sys
-import zipfile
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import dnnlib
+from helpers import (REPO_ROOT, TINY_ARCH, assert_same_state, load_pickle, load_state, read_stats, read_zip, run_script,
+    torchrun, write_image_zip, write_zip)
 from training import training_loop
 from training.training_loop import EDM2Loss, learning_rate_schedule, sanitize_gradients
-
-
-def write_image_zip(path, num_images, resolution, labels=None, seed=0):
-    """A dataset ZIP as dataset_tool.py writes it: blocky RGB PNGs plus dataset.json."""
-    rng = np.random.default_rng(seed)
-    names = [f'{i // 1000:05d}/img{i:08d}.png' for i in range(num_images)]
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as zf:
-        for name in names:
-            blocks = rng.integers(0, 256, size=[4, 4, 3], dtype=np.uint8)
-            pixels = blocks.repeat(resolution // 4, axis=0).repeat(resolution // 4, axis=1)
-            buf = io.BytesIO()
-            Image.fromarray(pixels).save(buf, format='png', compress_level=0)
-            zf.writestr(name, buf.getvalue())
-        label_list = None if labels is None else [[name, int(label)] for name, label in zip(names, labels)]
-        zf.writestr('dataset.json', json.dumps({'labels': label_list}))
-    return str(path)
 
 
 class RecordingDenoiser(torch.nn.Module):
@@ -85,10 +65,8 @@ def test_edm2_loss_noise_distribution():
 
 
 def test_edm2_loss_with_real_network(single_thread):
-    from training.networks_edm2 import Precond
     torch.manual_seed(0)
-    net = Precond(img_resolution=8, img_channels=3, label_dim=2, use_fp16=False, model_channels=16,
-        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[])
+    net = dnnlib.util.construct_class_by_name(**TINY_NET, img_resolution=8, img_channels=3, label_dim=2)
     images = torch.randn([2, 3, 8, 8])
     loss = EDM2Loss()(net=net, images=images, labels=torch.eye(2))
     assert loss.shape == images.shape and torch.isfinite(loss).all()
@@ -162,8 +140,7 @@ def test_default_data_loader_kwargs():
     assert cuda['pin_memory'] is True and cuda['num_workers'] == 2
 
 
-TINY_NET = dict(class_name='training.networks_edm2.Precond', model_channels=16, channel_mult=[1, 2], num_blocks=1,
-    attn_resolutions=[], use_fp16=False)
+TINY_NET = dict(class_name='training.networks_edm2.Precond', **TINY_ARCH, attn_resolutions=[], use_fp16=False)
 
 
 def _tiny_loop_kwargs(tmp_path, data_path, **overrides):
@@ -224,11 +201,10 @@ def test_training_loop_calls_the_method_hooks(tmp_path, single_thread):
     assert calls[:2] == [('prepare', (1, 3, 8, 8), 3, 'cpu'), ('init_network', 8)]
     assert calls[2:] == [('set_progress', nimg) for nimg in (0, 8, 16, 24)]
 
-    with open(run_dir / 'network-snapshot-0000000-0.050.pkl', 'rb') as f:
-        snapshot = pickle.load(f)
+    snapshot = load_pickle(run_dir / 'network-snapshot-0000000-0.050.pkl')
     assert list(snapshot.keys()) == ['encoder', 'dataset_kwargs', 'method', 'ema']  # no loss object
     assert snapshot['method'] == dict(cur_nimg=None)
-    state = torch.load(run_dir / 'training-state-0000000.pt', weights_only=False)
+    state = load_state(run_dir / 'training-state-0000000.pt')
     assert state['state']['cur_nimg'] == 32 and state['loss_fn'] == dict(cur_nimg=24)
     assert not torch.equal(state['net']['unet.out_gain'], torch.zeros([]))
     weight = state['net']['logvar_linear.weight']
@@ -236,7 +212,7 @@ def test_training_loop_calls_the_method_hooks(tmp_path, single_thread):
     names = list(dict(snapshot['ema'].named_parameters()))
     assert names.index('logvar_linear.weight') not in state['optimizer']['state']
     assert names.index('unet.out_gain') in state['optimizer']['state']
-    lines = [json.loads(line) for line in open(run_dir / 'stats.jsonl')]
+    lines = read_stats(run_dir)
     assert [line['Progress/kimg'] for line in lines] == [0.0, 0.016, 0.032]
     assert lines[-1]['Loss/nan_inf_grad_count'] == 0 and lines[-1]['Loss/grad_norm'] > 0
 
@@ -248,8 +224,7 @@ def test_training_loop_calls_the_method_hooks(tmp_path, single_thread):
 
 def test_training_loop_knows_no_method():
     """The loop reaches methods only through the hooks; its source travels in pickles that EDM2 must read."""
-    import ast
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'training', 'training_loop.py')
+    path = os.path.join(REPO_ROOT, 'training', 'training_loop.py')
     source = open(path).read()
     assert 'teacher' not in source.lower() and 'loss_cd' not in source and 'pretrained' not in source
     imported = set()
@@ -281,7 +256,7 @@ def test_persistent_nonfinite_steps_stop_the_run(tmp_path, single_thread, capsys
         training_loop.training_loop(**kwargs)
     assert 'Warning: 1 of the last 2 steps had NaN/Inf' in capsys.readouterr().out
     assert not any(name.endswith(('.pt', '.pkl')) for name in os.listdir(tmp_path / 'run'))  # nothing NaN saved
-    rows = [json.loads(line) for line in open(tmp_path / 'run' / 'stats.jsonl')]
+    rows = read_stats(tmp_path / 'run')
     assert [row['Loss/nonfinite_step'] for row in rows[1:]] == [0, 0.5, 1]
 
     # EDM2's behaviour, zeroing the gradients and going on, is still there with max_nonfinite_steps=0.
@@ -306,12 +281,7 @@ def test_resume_refuses_other_settings_and_records_schedule_changes(tmp_path, si
 
 
 def _replace_member(zip_path, name, data):
-    with zipfile.ZipFile(zip_path) as zf:
-        members = {member: zf.read(member) for member in zf.namelist()}
-    members[name] = data
-    with zipfile.ZipFile(zip_path, 'w', compression=zipfile.ZIP_STORED) as zf:
-        for member, content in members.items():
-            zf.writestr(member, content)
+    write_zip(zip_path, {**read_zip(zip_path), name: data})
 
 
 def test_unreadable_sample_stops_after_saving_the_state(tmp_path, single_thread):
@@ -321,21 +291,20 @@ def test_unreadable_sample_stops_after_saving_the_state(tmp_path, single_thread)
     training_loop.training_loop(**_tiny_loop_kwargs(tmp_path / 'straight', straight, **kwargs))
 
     data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=labels)
-    good = zipfile.ZipFile(data_path).read('00000/img00000005.png')
+    good = read_zip(data_path)['00000/img00000005.png']
     _replace_member(data_path, '00000/img00000005.png', b'not a png at all')
     with pytest.raises(dnnlib.UserError, match=r'img00000005\.png.*Training stopped at 0 kimg after saving its state'):
         training_loop.training_loop(**_tiny_loop_kwargs(tmp_path / 'run', data_path, **kwargs))
     states = sorted(name for name in os.listdir(tmp_path / 'run') if name.endswith('.pt'))
     assert states == ['training-state-0000000.pt']
-    assert 0 < torch.load(tmp_path / 'run' / states[0], weights_only=False)['state']['cur_nimg'] < 64
+    assert 0 < load_state(tmp_path / 'run' / states[0])['state']['cur_nimg'] < 64
 
     _replace_member(data_path, '00000/img00000005.png', good)  # the user repairs the file and reruns
     training_loop.training_loop(**_tiny_loop_kwargs(tmp_path / 'run', data_path, **kwargs))
-    resumed = torch.load(tmp_path / 'run' / 'training-state-0000000.pt', weights_only=False)
-    expected = torch.load(tmp_path / 'straight' / 'training-state-0000000.pt', weights_only=False)
+    resumed = load_state(tmp_path / 'run' / 'training-state-0000000.pt')
+    expected = load_state(tmp_path / 'straight' / 'training-state-0000000.pt')
     assert resumed['state']['cur_nimg'] == 64
-    for name, value in expected['net'].items():
-        assert torch.equal(resumed['net'][name], value), name
+    assert_same_state(expected, resumed, parts=('net',))
 
 
 def test_unreadable_newest_state_falls_back_to_the_previous(tmp_path, single_thread, capsys):
@@ -353,10 +322,9 @@ def test_unreadable_newest_state_falls_back_to_the_previous(tmp_path, single_thr
     assert 'Loading ' + str(run / 'training-state-0000001.pt') in out
     assert sorted(os.listdir(run)) == ['training-state-0000001.pt', 'training-state-0000002.pt',
         'training-state-0000002.pt.corrupt', 'training-state-0000003.pt', 'training_options.json']
-    resumed = torch.load(run / 'training-state-0000003.pt', weights_only=False)
-    straight = torch.load(tmp_path / 'straight' / 'training-state-0000003.pt', weights_only=False)
-    for name, value in straight['net'].items():
-        assert torch.equal(resumed['net'][name], value), name
+    resumed = load_state(run / 'training-state-0000003.pt')
+    straight = load_state(tmp_path / 'straight' / 'training-state-0000003.pt')
+    assert_same_state(straight, resumed, parts=('net',))
 
     for path in run.glob('training-state-*.pt'):
         path.write_bytes(b'')
@@ -390,14 +358,12 @@ if dist.get_rank() == 0:
 
 
 @pytest.mark.slow
-def test_ddp_ranks_stay_identical(tmp_path, repo_root, subprocess_env):
+def test_ddp_ranks_stay_identical(tmp_path):
     data_path = write_image_zip(tmp_path / 'data.zip', 16, 8, labels=[i % 2 for i in range(16)])
     script = tmp_path / 'ddp_train.py'
     script.write_text(DDP_SCRIPT)
     kwargs = _tiny_loop_kwargs(tmp_path, data_path, status_nimg=0, snapshot_nimg=0, checkpoint_nimg=0)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), repr(kwargs)]
-    result = subprocess.run(cmd, cwd=repo_root, env=subprocess_env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_script(script, repr(kwargs), launcher=torchrun())
     ranks = torch.load(tmp_path / 'ranks.pt')
     assert len(ranks['final']) == 2
     assert not torch.equal(ranks['initial'][0], ranks['initial'][1])  # each rank draws its own initialisation

@@ -1,12 +1,11 @@
 import json
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import run_script, torchrun
 from torch_utils import training_stats
 
 
@@ -123,12 +122,10 @@ with open(os.path.join(sys.argv[1], 'rank%d.json' % rank), 'w') as f:
 
 
 @pytest.mark.slow
-def test_reduction_across_two_gloo_ranks(tmp_path, subprocess_env, repo_root):
+def test_reduction_across_two_gloo_ranks(tmp_path):
     script = tmp_path / 'worker.py'
     script.write_text(_WORKER)
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script), str(tmp_path)]
-    proc = subprocess.run(cmd, env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(script, tmp_path, launcher=torchrun())
 
     values = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
     for rank in range(2):

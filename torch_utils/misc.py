@@ -167,6 +167,11 @@ def copy_params_and_buffers(src_module, dst_module, require_all=False):
 # Distributed data parallel.
 
 
+def unwrap_ddp(net):
+    """The module inside a DistributedDataParallel wrapper, or `net` itself when it is not wrapped."""
+    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
+
+
 @contextlib.contextmanager
 def ddp_sync(module, sync):
     """Suppress DDP gradient all-reduce when sync is False (e.g. for all but the last accumulation round)."""

@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 import dnnlib
+from torch_utils import misc
 from torch_utils import training_stats
 from training import consistency_ops
 from training import pretrained
@@ -70,14 +71,10 @@ def consistency_distance(delta, loss_type, huber_delta=1e-4, pseudo_huber_c=1e-4
     return (squared_norm + pseudo_huber_c ** 2).sqrt() - pseudo_huber_c
 
 #----------------------------------------------------------------------------
-# Student helpers: DDP unwrapping, dropout detection, replaying the device RNG (docs/algorithm.md §11).
+# Student helpers: dropout detection, replaying the device RNG (docs/algorithm.md §11).
 
 _DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
     torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
-
-
-def _unwrap(net):
-    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
 
 
 def _has_active_dropout(net):
@@ -261,6 +258,7 @@ class EDMConsistencyDistillLoss:
         self.progress_kimg = 0.0
         self.edge_counts = dnnlib.EasyDict({name: 0 for name in (*_EDGE_CLASSES, 'total')})
         self.teacher_net = None
+        self._encoder = None        # the run's, for sampling the teacher as a validation baseline
         self._grid_cache = dict()   # (T, S, sigma_min, sigma_max, rho) -> float64 CPU grids
         self._device_grids = None   # (key, device, grids) of the last call
         self._student_grid = None
@@ -308,6 +306,7 @@ class EDMConsistencyDistillLoss:
 
     def prepare(self, encoder, latent_shape, label_dim, device):
         """Load the teacher from teacher_pkl (unless attached), check its content and its fit to the data."""
+        self._encoder = encoder
         if self.teacher_pkl is not None:
             teacher = pretrained.load(self.teacher_pkl, option='--teacher', argument='teacher_pkl')
             if self.teacher_sha256 is not None and teacher.sha256 != self.teacher_sha256:
@@ -341,6 +340,19 @@ class EDMConsistencyDistillLoss:
         """Set the training progress (images seen so far), which drives the T anneal."""
         self.progress_kimg = cur_nimg / 1e3
 
+    def validation_baselines(self, heun=True):
+        """What validation compares the student with, once per run: the teacher sampled with Euler on the
+        student's S-step grid and, with `heun`, with EDM2's Heun sampler (its default 32 steps)."""
+        return self._baselines('teacher', self._teacher(), heun)
+
+    def _baselines(self, network, net, heun):
+        data = dict(ema=net, encoder=self._encoder)
+        grid = dict(num_steps=self.S, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
+        baselines = [dnnlib.EasyDict(network=network, data=data, sampler='euler', sampler_kwargs=grid)]
+        if heun:
+            baselines.append(dnnlib.EasyDict(network=network, data=data, sampler='heun', sampler_kwargs={}))
+        return baselines
+
     def snapshot_entries(self):
         """The 'cd' entry of student snapshots: what generate_images.py needs to sample in S steps."""
         return dict(cd=dnnlib.EasyDict(S=self.S, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
@@ -349,7 +361,7 @@ class EDMConsistencyDistillLoss:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(teacher_net=None, _grid_cache=dict(), _device_grids=None, _student_grid=None)
+        state.update(teacher_net=None, _encoder=None, _grid_cache=dict(), _device_grids=None, _student_grid=None)
         return state
 
     def state_dict(self):
@@ -443,7 +455,7 @@ class EDMConsistencyDistillLoss:
         # them). They change no value or random draw; with no profiler active each costs a few
         # microseconds of host time.
         device = images.device
-        student = _unwrap(net)
+        student = misc.unwrap_ddp(net)
         with torch.profiler.record_function('cd/classify_edges'):
             sigma_t, sigma_s, sigma_bdry = (edges[name].to(torch.float64) for name in ('sigma_t', 'sigma_s', 'sigma_bdry'))
             sigma_s_eff, sigma_ref = edge_targets(edges, sigma_s, sigma_bdry)

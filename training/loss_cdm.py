@@ -48,15 +48,12 @@ import math
 import torch
 
 import dnnlib
+from torch_utils import misc
 from torch_utils import training_stats
 from training.networks_edm2 import suppress_inplace_weight_norm
 from training.training_loop import EDM2Loss
 
 #----------------------------------------------------------------------------
-
-
-def _unwrap(net):
-    return net.module if isinstance(net, torch.nn.parallel.DistributedDataParallel) else net
 
 
 def _stack_twice(tensor):
@@ -212,7 +209,7 @@ class CDMLoss:
 
     def consistency_term(self, net, x_t, sigma_t, labels, denoised_t):
         """Per-element CDM term for noisy inputs x_t at sigma_t ([N, 1, 1, 1]) whose prediction is denoised_t."""
-        student = _unwrap(net)
+        student = misc.unwrap_ddp(net)
         sigma_s = self.draw_sigma_s(sigma_t)
         x_s = self.run_sampler(student, x_t, sigma_t, sigma_s, labels)
         with suppress_inplace_weight_norm(student):

@@ -40,6 +40,7 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
 
     def prepare(self, encoder, latent_shape, label_dim, device):
         """Load the starting network (if any) and check its content and its fit to the data."""
+        self._encoder = encoder
         if self.init_pkl is None:
             return
         init = pretrained.load(self.init_pkl, option='--init', argument='init_pkl')
@@ -50,6 +51,10 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
         pretrained.check_against_data(init.net, init.encoder, encoder, latent_shape, label_dim,
             role='starting network', option='--init', argument='init_pkl')
         self.init_net = init.net
+
+    def validation_baselines(self, heun=True):
+        """The starting network, if any, with the samplers of CD's teacher baselines."""
+        return [] if self.init_net is None else self._baselines('init', self.init_net, heun)
 
     def pinned_kwargs(self):
         return dict(init_sha256=self.init_sha256) if self.init_pkl is not None else {}
