@@ -1,7 +1,14 @@
-"""Fréchet distances (FID, FD_DINOv2) between image sets, and the reference statistics they need."""
+"""Fréchet distances (FID, FD_DINOv2) between image sets, and the reference statistics they need.
+
+Besides the two standard metrics, any metric named fd_<name> (e.g. fd_digits) is the Fréchet distance in
+the feature space of a network of your own: give it as --detector=fd_<name>=PATH, a pickle of a torch
+module that maps uint8 NCHW RGB images to [N, D] features (a persistent class, as in the network
+pickles, carries its own source; see training/digit_features.py).
+"""
 
 import os
 import pickle
+import re
 
 import click
 import numpy as np
@@ -43,6 +50,8 @@ def _load_pickled_model(metric, source):
     try:
         f = dnnlib.util.open_url(source, verbose=False)
     except Exception as err:
+        if '://' not in source:  # a local file: advice about offline machines would not help
+            raise DetectorUnavailable(f'Could not load the {metric} detector from {source} ({_one_line(err)})') from None
         raise DetectorUnavailable(_offline_hint(metric, source, err)) from err
     with f:
         try:
@@ -136,20 +145,79 @@ class DINOv2Detector(Detector):
         return self.model.to(x.device)((x / 255 - mean) / std)
 
 
-# Metric name -> dnnlib.util.construct_class_by_name() arguments of its detector.
+class FeatureNetworkDetector(Detector):
+    """The features of a network of your own, for a metric fd_<name>.
+
+    `source` (path or URL) is a pickle of a torch module that takes a uint8 NCHW RGB batch and returns
+    [N, D] features; it is loaded like the Inception pickle. `feature_dim` is the module's own
+    `feature_dim` attribute if it has one, else None (the statistics take the size of the features).
+    """
+
+    def __init__(self, source, metric='fd_custom'):
+        self.metric = metric
+        self.model = _load_pickled_model(metric, source)
+        super().__init__(feature_dim=getattr(self.model, 'feature_dim', None))
+        if isinstance(self.model, torch.nn.Module):
+            self.model.eval().requires_grad_(False)
+
+    def __call__(self, images):
+        features = self.model.to(images.device)(images)
+        if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:
+            found = f'shape {list(features.shape)}' if isinstance(features, torch.Tensor) else f'a {type(features).__name__}'
+            raise MetricsError(f'The {self.metric} detector returned {found} for {images.shape[0]} images; '
+                'expected [N, D] features, one row per image')
+        return features
+
+
+# Metric name -> dnnlib.util.construct_class_by_name() arguments of its detector. Metrics fd_<name> that
+# are not listed here use FeatureNetworkDetector with the file given as their source (custom_metric_spec).
 metric_specs = {metric: dnnlib.EasyDict(detector_kwargs=dnnlib.EasyDict(class_name=detector_class))
                 for metric, detector_class in [('fid', InceptionV3Detector), ('fd_dinov2', DINOv2Detector)]}
+
+CUSTOM_METRIC_PATTERN = re.compile(r'fd_[A-Za-z0-9][A-Za-z0-9_]*')
+CUSTOM_METRIC_HELP = 'fd_<name> (a feature network of your own, given with --detector=fd_<name>=PATH)'
+
+
+def is_custom_metric(metric):
+    """True for names fd_<name> other than the standard metrics: Fréchet distances of a given feature network."""
+    return isinstance(metric, str) and metric not in metric_specs and CUSTOM_METRIC_PATTERN.fullmatch(metric) is not None
+
+
+def is_known_metric(metric):
+    return metric in metric_specs or is_custom_metric(metric)
+
+
+def custom_metric_spec(metric, source):
+    """The metric_specs-style entry of a custom metric fd_<name>, whose detector is the network pickle `source`."""
+    if source is None:
+        raise DetectorUnavailable(f'{metric} is not a built-in metric: give its feature network with '
+            f'--detector={metric}=PATH (a pickle of a torch module that maps uint8 NCHW RGB images to [N, D] features)')
+    return dnnlib.EasyDict(detector_kwargs=dnnlib.EasyDict(class_name=FeatureNetworkDetector, metric=metric, source=source))
+
+
+def check_detector_sources(metrics, detector_sources):
+    """Raise a DetectorUnavailable for the first custom metric in `metrics` that has no detector source."""
+    for metric in metrics:
+        if is_custom_metric(metric):
+            custom_metric_spec(metric, (detector_sources or {}).get(metric))
+
 
 _detector_cache = {}
 
 
 def get_detector(metric, verbose=True, source=None):
-    """The detector of a metric, built once per process (first on each node, so that downloads happen once)."""
-    if metric not in metric_specs:
-        raise ValueError(f'Unknown metric "{metric}"; expected one of {sorted(metric_specs)}')
+    """The detector of a metric, built once per process (first on each node, so that downloads happen once).
+
+    A metric fd_<name> that metric_specs does not list needs `source`: the pickle of its feature network.
+    """
+    if not is_known_metric(metric):
+        raise ValueError(f'Unknown metric "{metric}"; expected one of {sorted(metric_specs)} or {CUSTOM_METRIC_HELP}')
     key = (metric, source)
     if key not in _detector_cache:
-        kwargs = dnnlib.EasyDict(metric_specs[metric].detector_kwargs)
+        if is_custom_metric(metric):
+            kwargs = dnnlib.EasyDict(custom_metric_spec(metric, source).detector_kwargs)
+        else:
+            kwargs = dnnlib.EasyDict(metric_specs[metric].detector_kwargs)
         if source is not None:
             kwargs.source = source
         if verbose:
@@ -383,10 +451,10 @@ def _checked_stats(stats, path, what):
     if not isinstance(stats, dict):
         raise MetricsError(f'{what}: {path} is not a statistics file; expected a dict of metrics, found a '
             f'{type(stats).__name__}')
-    found = [metric for metric in metric_specs if metric in stats]
+    found = [metric for metric in metric_specs if metric in stats] + [key for key in stats if is_custom_metric(key)]
     if not found:
         raise MetricsError(f'{what}: {path} holds no statistics of {" or ".join(sorted(metric_specs))} '
-            f'(its keys: {sorted(map(str, stats))})')
+            f'(nor of a metric fd_<name>; its keys: {sorted(map(str, stats))})')
     for metric in found:
         entry = stats[metric]
         if not isinstance(entry, dict) or 'mu' not in entry or 'sigma' not in entry:
@@ -443,20 +511,24 @@ def calculate_metrics_from_stats(stats, ref, metrics=['fid', 'fd_dinov2'], verbo
 # Command line.
 
 def parse_metric_list(s):
-    """'fid,fd_dinov2' -> ['fid', 'fd_dinov2']; a list passes through."""
+    """'fid,fd_dinov2' -> ['fid', 'fd_dinov2']; a list passes through. Names fd_<name> are custom metrics."""
     metrics = s if isinstance(s, list) else [name.strip() for name in s.split(',') if name.strip()]
-    unknown = [name for name in metrics if name not in metric_specs]
+    unknown = [name for name in metrics if not is_known_metric(name)]
     if unknown or not metrics:
-        raise click.BadParameter(f'{unknown or s!r}: expected a comma-separated list from {sorted(metric_specs)}')
+        raise click.BadParameter(f'{unknown or s!r}: expected a comma-separated list from {sorted(metric_specs)} '
+            f'and {CUSTOM_METRIC_HELP}')
     return metrics
 
 
 def parse_detector_sources(ctx, param, values):
+    """('fid=inception.pkl', 'fd_digits=digits.pkl', ...) -> {metric: source}; a custom metric fd_<name>
+    gets its feature network here."""
     sources = {}
     for text in values:
         metric, sep, source = text.partition('=')
-        if not sep or metric not in metric_specs or not source:
-            raise click.BadParameter(f'"{text}": expected METRIC=PATH_OR_URL with METRIC one of {sorted(metric_specs)}')
+        if not sep or not is_known_metric(metric) or not source:
+            raise click.BadParameter(f'"{text}": expected METRIC=PATH_OR_URL with METRIC one of {sorted(metric_specs)} '
+                f'or fd_<name> for a feature network of your own')
         sources[metric] = source
     return sources
 
@@ -473,12 +545,12 @@ def _rank0_load_stats(ref_path):
 
 
 metrics_option = click.option('--metrics', help='Comma-separated metrics', metavar='LIST', type=parse_metric_list, default='fid,fd_dinov2', show_default=True)
-detector_option = click.option('--detector', 'detector_sources', help='Local file or URL for a metric\'s detector, e.g. fid=inception-2015-12-05.pkl (repeatable)', metavar='METRIC=PATH', multiple=True, callback=parse_detector_sources)
+detector_option = click.option('--detector', 'detector_sources', help='Local file or URL for a metric\'s detector, e.g. fid=inception-2015-12-05.pkl, or the feature network of a metric fd_<name>, e.g. fd_digits=digit-features.pkl (repeatable)', metavar='METRIC=PATH', multiple=True, callback=parse_detector_sources)
 
 
 @click.group()
 def cmdline():
-    """Compute FID and FD_DINOv2 against reference statistics.
+    """Compute FID and FD_DINOv2 (or FD_<name> with a feature network of your own) against reference statistics.
 
     \b
     Examples:
@@ -493,6 +565,9 @@ def cmdline():
     \b
     # Offline: give the detector files explicitly
     python calculate_metrics.py calc --images=out --ref=refs/img512.pkl --metrics=fid --detector=fid=/data/inception-2015-12-05.pkl
+    \b
+    # A metric of your own feature network (a pickled torch module: uint8 NCHW RGB images -> [N, D] features)
+    python calculate_metrics.py ref --data=datasets/digits.zip --dest=refs/digits.pkl --metrics=fd_digits --detector=fd_digits=digit-features.pkl
     """
 
 
@@ -510,6 +585,7 @@ def calc(image_path, ref_path, metrics, num_images, seed, max_batch_size, num_wo
     torch.multiprocessing.set_start_method('spawn')
     dist.init()
     with dnnlib.cli.user_errors():
+        check_detector_sources(metrics, detector_sources)
         ref = _rank0_load_stats(ref_path)
         stats = _final_stats(calculate_stats_for_files(
             image_path, num_images=num_images, seed=seed, max_batch_size=max_batch_size, num_workers=num_workers,
@@ -530,6 +606,7 @@ def gen(net, ref_path, metrics, num_images, seed, max_batch_size, detector_sourc
     """Metrics of images generated on the fly (nothing is saved)."""
     dist.init()
     with dnnlib.cli.user_errors():
+        check_detector_sources(metrics, detector_sources)
         ref = _rank0_load_stats(ref_path)
         stats = _final_stats(calculate_stats_for_iterable(
             generate_images.generate_images(net=net, seeds=range(seed, seed + num_images), max_batch_size=max_batch_size),
@@ -550,6 +627,7 @@ def ref(image_path, dest_path, metrics, max_batch_size, num_workers, detector_so
     torch.multiprocessing.set_start_method('spawn')
     dist.init()
     with dnnlib.cli.user_errors():
+        check_detector_sources(metrics, detector_sources)
         stats = _final_stats(calculate_stats_for_files(
             image_path, max_batch_size=max_batch_size, num_workers=num_workers, metrics=metrics,
             detector_sources=detector_sources, dest_path=dest_path))

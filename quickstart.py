@@ -1,14 +1,20 @@
 """Built-in end-to-end example that runs on a few CPU cores.
 
-Builds the scikit-learn digits dataset, trains a small EDM2 teacher, distils an S-step consistency
-student, writes sample grids and prints an offline quality table. The table measures samples with a
-small digit classifier trained here on the real images: FD_digits (Frechet distance of its
-penultimate-layer features to those of real digits; not FID), its mean confidence, and how often it
-agrees with the class a sample was conditioned on. Rerunning with the same --outdir skips finished
-stages and resumes unfinished training.
+Builds the scikit-learn digits dataset and trains a small digit classifier on 75 % of it
+(training/digit_features.py). The classifier's penultimate features are the FD_digits metric, used
+through calculate_metrics as any feature network given as a file (`--detector fd_digits=PKL`):
+the reference statistics of the training-split digits are computed as `calculate_metrics.py ref`
+computes them, and the teacher (EDM2) and the S-step student (consistency distillation) train with
+validation on, so that the student run's metrics-val.jsonl holds the student-vs-teacher table. The
+teacher and the student are then sampled at several step counts, in-process with generate_images, for
+a quality-vs-steps figure and for the classifier's confidence and class agreement. Writes sample
+grids, the run curves (training.plots), the figure and results.md with the table. Rerunning with the
+same --outdir skips finished stages and resumes unfinished training.
 """
 
+import json
 import os
+import pickle
 import shlex
 import subprocess
 import sys
@@ -16,52 +22,38 @@ import time
 
 import click
 import numpy as np
-import PIL.Image
 import torch
 
 import calculate_metrics
 import dnnlib
 import generate_images
-from torch_utils import misc
+from torch_utils import distributed as dist
+from torch_utils import persistence
 from train_edm2 import ImageCount
+from training import digit_features, plots
 from training.dataset import ImageFolderDataset
+from training.monitoring import HEUN_STEPS, VALIDATION_FILE, sampler_nfe
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 #----------------------------------------------------------------------------
-# Configurations. Durations are image counts in train_edm2.py's syntax.
+# Configurations. Durations are image counts in train_edm2.py's syntax. The step lists are what
+# quality-vs-steps.png shows: the teacher with Euler and with Heun, and the student besides its own S.
 
 CONFIGS = {
-    'full': dnnlib.EasyDict(max_images=None, teacher_duration='32Ki', student_duration='8Ki', heun_steps=16,
-        status='2Ki', T_start=16, T_end=64, T_anneal_kimg=4, classifier_epochs=10),
-    'quick': dnnlib.EasyDict(max_images=200, teacher_duration='1Ki', student_duration='1Ki', heun_steps=4,
-        status='1Ki', T_start=8, T_end=8, T_anneal_kimg=0, classifier_epochs=5),
+    'full': dnnlib.EasyDict(max_images=None, teacher_duration='32Ki', student_duration='8Ki', status='2Ki',
+        T_start=16, T_end=64, T_anneal_kimg=4, classifier_epochs=10, batch=128,
+        euler_steps=[1, 2, 4, 8, 16], heun_steps=[2, 4, 8, 16, 32], student_steps=[1, 2, 8]),
+    'quick': dnnlib.EasyDict(max_images=200, teacher_duration='1Ki', student_duration='1Ki', status='1Ki',
+        T_start=8, T_end=8, T_anneal_kimg=0, classifier_epochs=5, batch=128,
+        euler_steps=[1], heun_steps=[2], student_steps=[1]),
 }
-EMA_STD = '0.100'   # the post-hoc EMA profile taken from both training runs
+EMA_STD = '0.100'   # the post-hoc EMA profile taken from both training runs (and validated)
 HELD_OUT_FRACTION = 0.25
+METRIC = 'fd_digits'
 
 #----------------------------------------------------------------------------
-# Digit classifier: the feature extractor behind the quality table.
-
-class DigitClassifier(torch.nn.Module):
-    """Small CNN for uint8 RGB digit images; `features()` is the penultimate layer used for FD_digits."""
-
-    def __init__(self, num_classes=10, feature_dim=64):
-        super().__init__()
-        self.trunk = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, kernel_size=3, padding=1), torch.nn.SiLU(),
-            torch.nn.Conv2d(16, 32, kernel_size=3, stride=2, padding=1), torch.nn.SiLU(),
-            torch.nn.Conv2d(32, 64, kernel_size=3, stride=2, padding=1), torch.nn.SiLU(),
-            torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
-            torch.nn.Linear(64 * 4 * 4, feature_dim), torch.nn.SiLU())
-        self.head = torch.nn.Linear(feature_dim, num_classes)
-
-    def features(self, images):
-        return self.trunk(images.to(torch.float32) / 127.5 - 1)
-
-    def forward(self, images):
-        return self.head(self.features(images))
-
+# Data and the digit classifier.
 
 def load_labelled_images(dataset_path):
     """uint8 images [N,C,H,W], integer class labels [N] and the number of classes of a labelled dataset."""
@@ -79,39 +71,12 @@ def split_held_out(num_items, held_out_fraction=HELD_OUT_FRACTION, seed=0):
     return np.sort(order[num_held_out:]), np.sort(order[:num_held_out])
 
 
-def train_classifier(images, labels, num_classes, epochs=20, batch_size=64, lr=2e-3, seed=0):
-    """Fit a DigitClassifier with Adam and cross-entropy; returns it in eval mode on the CPU."""
-    torch.manual_seed(seed)
-    net = DigitClassifier(num_classes=num_classes)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
-    shuffle = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(images), generator=shuffle).split(batch_size):
-            loss = torch.nn.functional.cross_entropy(net(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net.eval()
-
-
 @torch.no_grad()
-def classify(net, images, batch_size=256):
-    """Penultimate-layer features [N,D] (float64) and class probabilities [N,K] for uint8 images [N,C,H,W]."""
-    features, probs = [], []
-    for batch in torch.as_tensor(np.asarray(images)).split(batch_size):
-        f = net.features(batch)
-        features.append(f.double())
-        probs.append(net.head(f).softmax(dim=1).double())
-    return torch.cat(features).numpy(), torch.cat(probs).numpy()
-
-#----------------------------------------------------------------------------
-# Metrics.
-
-def frechet_distance(features_a, features_b):
-    """Frechet distance between Gaussians fitted to two feature sets [N,D], by calculate_metrics' formula."""
-    fit = lambda features: (features.mean(axis=0), np.cov(features, rowvar=False))
-    return calculate_metrics.frechet_distance(*fit(features_a), *fit(features_b))
+def class_probabilities(net, images, batch_size=256):
+    """The classifier's class probabilities [N,K] (float64, numpy) for uint8 images [N,C,H,W]."""
+    device = next(net.parameters()).device
+    probs = [net.class_probabilities(batch.to(device)).double().cpu() for batch in torch.as_tensor(np.asarray(images)).split(batch_size)]
+    return torch.cat(probs).numpy()
 
 
 def mean_confidence(probs):
@@ -124,46 +89,28 @@ def class_agreement(probs, classes):
     return float((probs.argmax(axis=1) == np.asarray(classes)).mean())
 
 
-def quality_row(name, nfe, net, images, reference_features, classes=None):
-    """One line of the quality table for a set of uint8 images, compared with the reference features."""
-    features, probs = classify(net, images)
-    return dnnlib.EasyDict(name=name, nfe=nfe, num_images=len(images),
-        fd=frechet_distance(features, reference_features), confidence=mean_confidence(probs),
-        agreement=None if classes is None else class_agreement(probs, classes))
+def image_batches(images, batch_size):
+    """uint8 images [N,C,H,W] as a list of tensor batches, the input calculate_stats_for_iterable takes."""
+    return list(torch.as_tensor(np.asarray(images)).split(batch_size))
 
 
-def format_table(rows):
-    """Markdown table of quality rows."""
-    lines = ['| images | NFE | N | FD_digits (lower is better) | confidence | class agreement |',
-             '|---|---:|---:|---:|---:|---:|']
-    for r in rows:
-        agreement = '-' if r.agreement is None else f'{r.agreement:.3f}'
-        lines.append(f'| {r.name} | {r.nfe if r.nfe is not None else "-"} | {r.num_images} | {r.fd:.2f} '
-                     f'| {r.confidence:.3f} | {agreement} |')
-    return '\n'.join(lines)
-
-#----------------------------------------------------------------------------
-# Generated images.
-
-def conditioned_classes(seeds, label_dim, image_shape, device=None):
-    """The class generate_images.py conditions each seed on when no --class is given: each seed's own
-    generator draws the initial noise first and the class index next."""
-    device = torch.device(device) if device is not None else misc.default_device()
-    streams = generate_images.StackedRandomGenerator(device, seeds)
-    streams.randn([len(seeds), *image_shape], device=device)
-    return streams.randint(label_dim, size=[len(seeds)], device=device).cpu().numpy()
+def feature_stats(batches, detector_path):
+    """FD_digits feature statistics of image batches, by calculate_metrics (as `calculate_metrics.py ref` and
+    validation compute them)."""
+    stats = None
+    for r in calculate_metrics.calculate_stats_for_iterable(batches, metrics=[METRIC], verbose=False,
+            detector_sources={METRIC: detector_path}):
+        stats = r.stats if r.stats is not None else stats
+    return stats
 
 
-def load_generated(image_dir, seeds):
-    """uint8 images [N,C,H,W] that generate_images.py wrote for the given seeds."""
-    images = []
-    for seed in seeds:
-        path = generate_images.image_path(image_dir, seed)
-        if not os.path.isfile(path):
-            raise click.ClickException(f'{path} is missing; delete the matching grid-*.png and rerun to sample it again')
-        with PIL.Image.open(path) as image:
-            images.append(np.asarray(image.convert('RGB')).transpose(2, 0, 1))
-    return np.stack(images)
+def fd_to_reference(stats, ref):
+    return calculate_metrics.calculate_metrics_from_stats(stats, ref, [METRIC], verbose=False)[METRIC]
+
+
+def load_classifier(detector_path):
+    """The digit classifier behind the fd_digits detector: the very module that calculate_metrics loaded."""
+    return calculate_metrics.get_detector(METRIC, verbose=False, source=detector_path).model
 
 #----------------------------------------------------------------------------
 # Stages.
@@ -198,65 +145,198 @@ def final_snapshot(run_dir, duration):
     return os.path.join(run_dir, f'network-snapshot-{nimg // 1000:07d}-{EMA_STD}.pkl')
 
 
-def fit_classifier(dataset_path, classifier_path, epochs, seed):
-    """Train the digit classifier on the training split and save it with the held-out indices."""
-    images, labels, num_classes = load_labelled_images(dataset_path)
-    train_idx, held_out_idx = split_held_out(len(images), seed=seed)
-    net = train_classifier(images[train_idx], labels[train_idx], num_classes=num_classes, epochs=epochs, seed=seed)
-    _, probs = classify(net, images[held_out_idx])
+def write_json(path, obj):
+    dist.write_file_atomically(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def fit_classifier(paths, images, labels, num_classes, train_idx, held_out_idx, epochs, seed):
+    """Train the digit classifier on the training split and pickle it as the fd_digits detector."""
+    net = digit_features.train_digit_classifier(images[train_idx], labels[train_idx], num_classes=num_classes,
+        epochs=epochs, seed=seed)
+    probs = class_probabilities(net, images[held_out_idx])
     print(f'Digit classifier: {class_agreement(probs, labels[held_out_idx]):.1%} accuracy on {len(held_out_idx)} '
           'held-out images', flush=True)
-    torch.save(dict(state_dict=net.state_dict(), held_out_idx=torch.as_tensor(held_out_idx)), classifier_path)
+    dist.write_file_atomically(paths.detector, lambda f: pickle.dump(net, f))
 
 
-def load_classifier(classifier_path):
-    saved = torch.load(classifier_path, weights_only=True)
-    net = DigitClassifier(num_classes=saved['state_dict']['head.bias'].numel())
-    net.load_state_dict(saved['state_dict'])
-    return net.eval(), saved['held_out_idx'].numpy()
+def compute_reference(paths, images, batch_size):
+    """Reference statistics of the given (training-split) digits, by the functions behind `calculate_metrics.py ref`."""
+    stats = feature_stats(image_batches(images, batch_size), paths.detector)
+    calculate_metrics.save_stats(stats, paths.refs)
 
 
-def train_models(paths, c, S, seed, timings):
-    """Teacher (plain EDM2 training), then the S-step student distilled from it (CD mode)."""
+def train_models(paths, c, S, seed, num_val, timings):
+    """Teacher (plain EDM2 training), then the S-step student distilled from it (CD mode), both validated on
+    FD_digits at their final snapshot (the only one they write)."""
     common = [f'--data={paths.dataset}', f'--seed={seed}', f'--status={c.status}']
+    validation = [f'--val_ref={paths.refs}', f'--val_metrics={METRIC}', f'--detector={METRIC}={paths.detector}',
+        f'--val_num={num_val}', f'--val_batch={c.batch}', f'--val_std={EMA_STD}', '--val_every=1']
     run_stage(timings, 'teacher', paths.teacher, lambda: run_script('train_edm2.py', f'--outdir={paths.teacher_dir}',
         *common, '--preset=tiny-img16', f'--duration={c.teacher_duration}', f'--snapshot={c.teacher_duration}',
-        f'--checkpoint={c.teacher_duration}'))
+        f'--checkpoint={c.teacher_duration}', *validation))
     run_stage(timings, f'student (S={S})', paths.student, lambda: run_script('train_edm2.py',
         f'--outdir={paths.student_dir}', *common, '--preset=cd-tiny-img16', f'--teacher={paths.teacher}', f'--S={S}',
         f'--T_start={c.T_start}', f'--T_end={c.T_end}', f'--T_anneal_kimg={c.T_anneal_kimg}',
-        f'--duration={c.student_duration}', f'--snapshot={c.student_duration}', f'--checkpoint={c.student_duration}'))
+        f'--duration={c.student_duration}', f'--snapshot={c.student_duration}', f'--checkpoint={c.student_duration}',
+        *validation))
 
+#----------------------------------------------------------------------------
+# Validation rows and sampled points.
 
-def generate_sample_sets(paths, c, S, num_images, timings):
-    """Same seeds for teacher Heun (many steps), teacher Euler (S steps) and the student (S steps)."""
-    sample_sets = [
-        dnnlib.EasyDict(name=f'teacher Heun, {c.heun_steps} steps', nfe=2 * c.heun_steps - 1, tag='teacher-heun',
-            net=paths.teacher, sampler_args=['--sampler=heun', f'--steps={c.heun_steps}']),
-        dnnlib.EasyDict(name=f'teacher Euler, {S} steps', nfe=S, tag=f'teacher-euler{S}',
-            net=paths.teacher, sampler_args=['--sampler=euler', f'--steps={S}']),
-        dnnlib.EasyDict(name=f'student, {S} steps', nfe=S, tag=f'student{S}',
-            net=paths.student, sampler_args=['--sampler=euler', f'--steps={S}']),
-    ]
-    for s in sample_sets:
-        s.image_dir = os.path.join(paths.samples, s.tag)
-        s.grid = os.path.join(paths.outdir, f'grid-{s.tag}.png')
-        run_stage(timings, f'samples: {s.name}', s.grid, lambda: run_script('generate_images.py', f'--net={s.net}',
-            f'--outdir={s.image_dir}', f'--seeds=0-{num_images - 1}', f'--grid={s.grid}', '--batch=128', *s.sampler_args))
-    return sample_sets
-
-
-def evaluate(dataset_path, net, held_out_idx, sample_sets):
-    """Quality rows for the real held-out digits and for each sample set, all against the training-split digits."""
-    images, labels, _ = load_labelled_images(dataset_path)
-    reference_idx = np.setdiff1d(np.arange(len(images)), held_out_idx)
-    reference_features, _ = classify(net, images[reference_idx])
-    rows = [quality_row('real held-out digits', None, net, images[held_out_idx], reference_features, labels[held_out_idx])]
-    seeds = range(len(held_out_idx))
-    classes = conditioned_classes(seeds, net.head.out_features, images.shape[1:])
-    for s in sample_sets:
-        rows.append(quality_row(s.name, s.nfe, net, load_generated(s.image_dir, seeds), reference_features, classes))
+def read_validation(run_dir):
+    path = os.path.join(run_dir, VALIDATION_FILE)
+    if not os.path.isfile(path):
+        raise click.ClickException(f'{path} is missing: the run was trained without validation (by an older quickstart?); '
+            f'delete {run_dir} and rerun')
+    rows, _bad = plots.read_jsonl(path)
     return rows
+
+
+def validation_row(rows, network, sampler, steps, snapshot=None, where=''):
+    """The last FD_digits row of metrics-val.jsonl for a network (and snapshot) sampled with sampler/steps."""
+    found = [row for row in rows if row.get('metric') == METRIC and row.get('network') == network
+             and row.get('sampler') == sampler and row.get('steps') == steps
+             and (snapshot is None or row.get('snapshot') == snapshot)]
+    if not found:
+        raise click.ClickException(f'{where}{VALIDATION_FILE} has no {METRIC} row for the {network} network with '
+            f'{sampler}, {steps} steps' + (f' at {snapshot}' if snapshot else '') + '; delete that run directory and rerun')
+    return found[-1]
+
+
+def sample_points(c, S):
+    """What quality-vs-steps.png shows: EasyDicts of tag, network ('teacher' or 'student'), sampler, steps, nfe
+    and name, for the configured step lists plus the validation rows (the teacher's Euler at S and Heun at 32
+    steps, the student at S)."""
+    points = [(f'teacher-euler{k}', 'teacher', 'euler', k, f'teacher Euler, {steps_text(k)}')
+              for k in sorted(set(c.euler_steps) | {S})]
+    points += [(f'teacher-heun{k}', 'teacher', 'heun', k, f'teacher Heun, {steps_text(k)}')
+               for k in sorted(set(c.heun_steps) | {HEUN_STEPS})]
+    points += [(f'student{k}', 'student', 'euler', k, f'student, {steps_text(k)}' + ('' if k == S else
+               f' (trained for S={S}: off its grid)')) for k in sorted(set(c.student_steps) | {S})]
+    return [dnnlib.EasyDict(tag=tag, network=network, sampler=sampler, steps=steps, nfe=sampler_nfe(sampler, steps),
+                            name=name) for tag, network, sampler, steps, name in points]
+
+
+def steps_text(k):
+    return f'{k} step' + ('' if k == 1 else 's')
+
+
+def figure_rows(points, S):
+    """plot_quality_vs_steps() rows: one line each for the teacher's Euler and Heun, the student at every step
+    count it was sampled with, and (drawn last, on top) the student at its own S as a point of its own."""
+    rows = [dict(name=f'teacher, {p.sampler.capitalize()}', nfe=p.nfe, value=p.value) for p in points if p.network == 'teacher']
+    student = [p for p in points if p.network == 'student']
+    others = [p.steps for p in student if p.steps != S]
+    if others:
+        label = f'same student, also at {", ".join(map(str, others))} step{"s" if others != [1] else ""} (off its grid)'
+        rows += [dict(name=label, nfe=p.nfe, value=p.value) for p in student]
+    rows += [dict(name=f'student, S={S} (its training grid)', nfe=p.nfe, value=p.value) for p in student if p.steps == S]
+    return rows
+
+
+def sampler_kwargs_of(point, student_cd):
+    """generate_images() arguments that sample a point as validation does: the teacher's Euler runs on the
+    student's grid (sigma_min, sigma_max, rho of its 'cd' entry), the student uses its own."""
+    kwargs = dict(sampler_fn=point.sampler, num_steps=point.steps)
+    if point.network == 'teacher' and point.sampler == 'euler':
+        kwargs.update(sigma_min=student_cd['sigma_min'], sigma_max=student_cd['sigma_max'], rho=student_cd['rho'])
+    return kwargs
+
+
+def sample_and_measure(point, net_path, student_cd, num_images, batch_size, paths):
+    """Generate seeds 0..N-1 in-process (generate_images, as validation does), measure FD_digits with
+    calculate_metrics and the classifier's confidence and class agreement, write a grid and the numbers."""
+    classifier = load_classifier(paths.detector)
+    kept = []
+
+    def keeping(batches):
+        for r in batches:
+            if r.images is not None:
+                kept.append((r.images.cpu(), r.labels.argmax(dim=1).cpu()))
+            yield r
+    batches = generate_images.generate_images(net=net_path, seeds=range(num_images), max_batch_size=batch_size,
+        verbose=False, **sampler_kwargs_of(point, student_cd))
+    start = time.time()
+    stats = feature_stats(keeping(batches), paths.detector)
+    seconds = time.time() - start
+    images, classes = torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept])
+    probs = class_probabilities(classifier, images)
+    grid = os.path.join(paths.samples, f'grid-{point.tag}.png')
+    generate_images.save_png(generate_images.image_grid(images.numpy()), grid)
+    write_json(os.path.join(paths.samples, f'{point.tag}.json'), dict(point, num_images=len(images),
+        fd=fd_to_reference(stats, calculate_metrics.load_stats(paths.refs, verbose=False)),
+        confidence=mean_confidence(probs), agreement=class_agreement(probs, classes.numpy()),
+        grid=os.path.relpath(grid, paths.outdir), seconds=round(seconds, 3)))
+
+
+def sample_all(paths, c, S, num_images, timings):
+    student_cd = persistence.load_network_pickle(paths.student, what='student snapshot')['cd']
+    points = sample_points(c, S)
+    for p in points:
+        net_path = paths.student if p.network == 'student' else paths.teacher
+        run_stage(timings, f'samples: {p.name}', os.path.join(paths.samples, f'{p.tag}.json'),
+            lambda p=p, net_path=net_path: sample_and_measure(p, net_path, student_cd, num_images, c.batch, paths))
+    for p in points:
+        p.update(read_json(os.path.join(paths.samples, f'{p.tag}.json')))
+    return points
+
+
+def attach_validation(points, paths, S):
+    """Give the points that validation measured its FD_digits value (the one the figure and table show)."""
+    student_rows, teacher_rows = read_validation(paths.student_dir), read_validation(paths.teacher_dir)
+    where = f'{paths.student_dir}/'
+    measured = {('teacher', 'euler', S): validation_row(student_rows, 'teacher', 'euler', S, where=where),
+                ('teacher', 'heun', HEUN_STEPS): validation_row(student_rows, 'teacher', 'heun', HEUN_STEPS, where=where),
+                ('student', 'euler', S): validation_row(student_rows, 'trained', 'euler', S,
+                    snapshot=os.path.basename(paths.student), where=where)}
+    for p in points:
+        row = measured.get((p.network, p.sampler, p.steps))
+        p.value = p.fd if row is None else row['value']
+        p.source = 'in-process' if row is None else f'{os.path.basename(paths.student_dir)}/{VALIDATION_FILE}'
+        p.validation = row
+    teacher_own = validation_row(teacher_rows, 'trained', 'heun', HEUN_STEPS, snapshot=os.path.basename(paths.teacher),
+        where=f'{paths.teacher_dir}/')
+    return dict(student=student_rows, teacher=teacher_rows, teacher_own=teacher_own)
+
+#----------------------------------------------------------------------------
+# Report.
+
+def format_table(rows):
+    """Markdown table of quality rows (EasyDicts with name, nfe, num_images, fd, confidence, agreement)."""
+    lines = ['| images | NFE | N | FD_digits (lower is better) | confidence | class agreement |',
+             '|---|---:|---:|---:|---:|---:|']
+    for r in rows:
+        agreement = '-' if r.agreement is None else f'{r.agreement:.3f}'
+        lines.append(f'| {r.name} | {r.nfe if r.nfe is not None else "-"} | {r.num_images} | {r.fd:.2f} '
+                     f'| {r.confidence:.3f} | {agreement} |')
+    return '\n'.join(lines)
+
+
+def table_rows(real, points, S):
+    """The real held-out digits, then teacher Heun (32 steps), teacher Euler (S) and student (S): the rows of
+    validation, with their FD_digits from metrics-val.jsonl."""
+    wanted = [('teacher', 'heun', HEUN_STEPS), ('teacher', 'euler', S), ('student', 'euler', S)]
+    by_key = {(p.network, p.sampler, p.steps): p for p in points}
+    rows = [real]
+    for key in wanted:
+        p = by_key[key]
+        rows.append(dnnlib.EasyDict(name=p.name, nfe=p.nfe, num_images=p.validation['images'], fd=p.validation['value'],
+            confidence=p.confidence, agreement=p.agreement))
+    return rows
+
+
+def format_points(points):
+    lines = ['| images | sampler | steps | NFE | FD_digits | from | confidence | class agreement |',
+             '|---|---|---:|---:|---:|---|---:|---:|']
+    for p in points:
+        lines.append(f'| {p.name} | {p.sampler} | {p.steps} | {p.nfe} | {p.value:.2f} | {p.source} | {p.confidence:.3f} '
+                     f'| {p.agreement:.3f} |')
+    return '\n'.join(lines)
 
 
 def format_timings(timings):
@@ -266,20 +346,77 @@ def format_timings(timings):
     return '\n'.join(lines)
 
 
-def write_report(path, rows, timings, total_seconds, c, S, seed):
-    text = (f'# Quickstart results\n\nS = {S}; teacher {c.teacher_duration} images, student {c.student_duration} '
-        f'images; seed {seed}.\n\nFD_digits: Frechet distance between digit-classifier features of the images and of '
-        f'the real training-split digits (not FID). Confidence: mean top-class probability. Class agreement: fraction '
-        f'classified as the class the sample was conditioned on (for real digits: the classifier accuracy).\n\n'
-        f'{format_table(rows)}\n\n## Timings (this invocation: {dnnlib.util.format_time(total_seconds)})\n\n'
-        f'{format_timings(timings)}\n')
-    with open(path, 'wt') as f:
+def validation_seconds(rows):
+    return sum(float(row.get('seconds') or 0) for row in rows)
+
+
+def write_report(path, rows, points, validation, plot_files, timings, total_seconds, c, S, seed):
+    outdir = os.path.dirname(path)
+    rel = lambda p: os.path.relpath(p, outdir).replace(os.sep, '/')
+    regenerated = [p for p in points if p.validation is not None]
+    checks = '\n'.join(f'* {p.name}: {p.value:.4f} in {VALIDATION_FILE}, {p.fd:.4f} from the images sampled here'
+                       for p in regenerated)
+    grids = ' | '.join(f'[{p.name}]({p.grid})' for p in regenerated)
+    curves = '\n'.join(f'* {name}: ' + ', '.join(f'[{os.path.basename(f)}]({rel(f)})' for f in files)
+                       for name, files in plot_files.items())
+    teacher_own = validation['teacher_own']
+    text = f'''# Quickstart results
+
+S = {S}; teacher {c.teacher_duration} images, student {c.student_duration} images; seed {seed}; EMA profile {EMA_STD}.
+
+FD_digits is the Fréchet distance between the digit classifier's penultimate-layer features
+(`digit-features.pkl`, `--detector {METRIC}=digit-features.pkl`) of the images and of the real
+training-split digits (`refs-digits.pkl`); it is not FID. The sampler rows are the validation rows of the
+student run (`student/{VALIDATION_FILE}`: the teacher baselines and the student's final snapshot), computed
+by train_edm2.py with calculate_metrics; the real row uses the same functions. Confidence: mean top-class
+probability. Class agreement: fraction classified as the class the sample was conditioned on (for real
+digits: the classifier's accuracy); both are measured on the same seeds (0-{rows[0].num_images - 1}),
+sampled again here.
+
+{format_table(rows)}
+
+The teacher run validated its own final snapshot with Heun, {HEUN_STEPS} steps: FD_digits {teacher_own["value"]:.2f}.
+
+## FD_digits against network evaluations
+
+![FD_digits vs. NFE](quality-vs-steps.png)
+
+{format_points(points)}
+
+FD_digits of the validation rows recomputed from the images sampled here (same seeds, same code):
+
+{checks}
+
+Sample grids: {grids}.
+
+## Training curves
+
+{curves}
+
+## Timings (this invocation: {dnnlib.util.format_time(total_seconds)})
+
+{format_timings(timings)}
+
+Validation inside the training stages: teacher {validation_seconds(validation["teacher"]):.1f} s, student
+{validation_seconds(validation["student"]):.1f} s (baselines included).
+'''
+    with open(path, 'wt', encoding='utf-8') as f:
         f.write(text)
+
+
+def write_plots(paths, points, S):
+    """The run curves (training.plots.plot_run) and quality-vs-steps.png; returns {run: [PNG paths]}."""
+    written = {}
+    for name, run_dir in [('teacher', paths.teacher_dir), ('student', paths.student_dir)]:
+        written[name] = list(plots.plot_run(run_dir, outdir=os.path.join(paths.outdir, f'plots-{name}')))
+    plots.plot_quality_vs_steps(figure_rows(points, S), paths.figure,
+        'FD_digits', title=f'FD_digits vs. network evaluations (student trained for S={S})')
+    return written
 
 #----------------------------------------------------------------------------
 
 @click.command()
-@click.option('--outdir', help='Where to put the dataset, runs, grids and results.md', metavar='DIR', type=str, required=True)
+@click.option('--outdir', help='Where to put the dataset, runs, grids, plots and results.md', metavar='DIR', type=str, required=True)
 @click.option('--quick', help='Tiny smoke-test configuration (seconds of training; for tests)', is_flag=True)
 @click.option('--steps', 'S', help='Student steps S', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--seed', help='Random seed for training and the classifier split', metavar='INT', type=int, default=0, show_default=True)
@@ -289,7 +426,7 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     """Train a digits teacher, distil an S-step student and compare their samples.
 
     \b
-    Example (about 6 minutes on 2 idle CPU cores):
+    Example (about 8 minutes on 2 idle CPU cores):
       python3 quickstart.py --outdir=quickstart-run
     """
     c = dnnlib.EasyDict(CONFIGS['quick' if quick else 'full'])
@@ -300,7 +437,8 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
             f'edges, fewer than S={S}; choose S <= {c.T_start}', param_hint='--steps')
     outdir = os.path.abspath(outdir)
     paths = dnnlib.EasyDict(outdir=outdir, dataset=os.path.join(outdir, 'digits-16.zip'),
-        classifier=os.path.join(outdir, 'digit-classifier.pt'), samples=os.path.join(outdir, 'samples'),
+        detector=os.path.join(outdir, 'digit-features.pkl'), refs=os.path.join(outdir, 'refs-digits.pkl'),
+        samples=os.path.join(outdir, 'samples'), figure=os.path.join(outdir, 'quality-vs-steps.png'),
         teacher_dir=os.path.join(outdir, 'teacher'), student_dir=os.path.join(outdir, 'student'))
     paths.teacher = final_snapshot(paths.teacher_dir, c.teacher_duration)
     paths.student = final_snapshot(paths.student_dir, c.student_duration)
@@ -311,20 +449,32 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     size_args = [f'--max-images={c.max_images}'] if c.max_images else []
     run_stage(timings, 'dataset', paths.dataset, lambda: run_script('dataset_tool.py', 'convert',
         '--source=sklearn-digits', f'--dest={paths.dataset}', '--resolution=16x16', *size_args))
-    run_stage(timings, 'digit classifier', paths.classifier,
-        lambda: fit_classifier(paths.dataset, paths.classifier, epochs=c.classifier_epochs, seed=seed))
-    train_models(paths, c, S, seed, timings)
-    classifier, held_out_idx = load_classifier(paths.classifier)
+    images, labels, num_classes = load_labelled_images(paths.dataset)
+    train_idx, held_out_idx = split_held_out(len(images), seed=seed)
+    run_stage(timings, 'digit classifier', paths.detector, lambda: fit_classifier(paths, images, labels, num_classes,
+        train_idx, held_out_idx, c.classifier_epochs, seed))
+    run_stage(timings, 'reference statistics', paths.refs, lambda: compute_reference(paths, images[train_idx], c.batch))
     # As many samples as held-out real digits, so that their FDs compare.
-    sample_sets = generate_sample_sets(paths, c, S, len(held_out_idx), timings)
+    num_images = len(held_out_idx)
+    train_models(paths, c, S, seed, num_images, timings)
+    points = sample_all(paths, c, S, num_images, timings)
 
     print('\n=== quality ===', flush=True)
-    rows = evaluate(paths.dataset, classifier, held_out_idx, sample_sets)
+    start = time.time()
+    ref = calculate_metrics.load_stats(paths.refs, verbose=False)
+    probs = class_probabilities(load_classifier(paths.detector), images[held_out_idx])
+    real = dnnlib.EasyDict(name='real held-out digits', nfe=None, num_images=num_images,
+        fd=fd_to_reference(feature_stats(image_batches(images[held_out_idx], c.batch), paths.detector), ref),
+        confidence=mean_confidence(probs), agreement=class_agreement(probs, labels[held_out_idx]))
+    validation = attach_validation(points, paths, S)
+    rows = table_rows(real, points, S)
+    plot_files = write_plots(paths, points, S)
+    timings.append(('table and plots', time.time() - start))
     total_seconds = time.time() - started
-    write_report(os.path.join(outdir, 'results.md'), rows, timings, total_seconds, c, S, seed)
+    write_report(os.path.join(outdir, 'results.md'), rows, points, validation, plot_files, timings, total_seconds, c, S, seed)
     print(format_table(rows))
     print(f'\n{format_timings(timings)}\n\nTotal {dnnlib.util.format_time(total_seconds)}. '
-          f'Grids: {os.path.join(outdir, "grid-*.png")}; table: {os.path.join(outdir, "results.md")}', flush=True)
+          f'Table, figure and curves: {os.path.join(outdir, "results.md")}', flush=True)
 
 #----------------------------------------------------------------------------
 

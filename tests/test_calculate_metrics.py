@@ -418,3 +418,145 @@ def test_gen_refuses_bad_network_pickles(tmp_path, detectors, in_process):
                         f'--detector=fid={paths["fid"]}')
         assert_user_error(result, f'--net: {tmp_path / name}', why)
     assert sorted(os.listdir(tmp_path)) == before
+
+#----------------------------------------------------------------------------
+# Metrics fd_<name> of a feature network given as a file (here the quickstart's digit classifier, untrained:
+# a persistent module, so its pickle carries its source and loads in the scripts' own processes).
+
+@pytest.fixture(scope='module')
+def feature_network(tmp_path_factory):
+    """(module, path of its pickle) of a feature network mapping uint8 NCHW RGB images to [N, 6] features."""
+    from training.digit_features import DigitClassifier
+    torch.manual_seed(5)
+    net = DigitClassifier(num_classes=3, feature_dim=6).eval().requires_grad_(False)
+    with torch.no_grad():
+        net.trunk[-2].weight.mul_(100)  # features of order 0.1 (fresh weights give order 0.001)
+    return net, save_pickle(net, tmp_path_factory.mktemp('feature_network') / 'tiny-features.pkl')
+
+
+def network_features(folder, net):
+    files = sorted(os.listdir(folder))
+    images = torch.as_tensor(np.stack([np.asarray(PIL.Image.open(os.path.join(folder, f))) for f in files])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        return net(images).double().numpy()
+
+
+def test_custom_metric_names_and_detector_options():
+    assert calculate_metrics.parse_metric_list('fid,fd_digits') == ['fid', 'fd_digits']
+    assert calculate_metrics.parse_detector_sources(None, None, ['fd_digits=a/b.pkl', 'fid=c.pkl']) == \
+        {'fd_digits': 'a/b.pkl', 'fid': 'c.pkl'}
+    for bad in ['fd_', 'fdx', 'fd_-x', 'kid']:
+        with pytest.raises(click.BadParameter, match='fd_<name>'):
+            calculate_metrics.parse_metric_list(bad)
+        with pytest.raises(click.BadParameter, match='fd_<name>'):
+            calculate_metrics.parse_detector_sources(None, None, [f'{bad}=x.pkl'])
+    assert calculate_metrics.is_custom_metric('fd_digits') and not calculate_metrics.is_custom_metric('fd_dinov2')
+    assert sorted(calculate_metrics.metric_specs) == ['fd_dinov2', 'fid']  # the registry stays EDM2's
+
+
+def test_custom_metric_through_the_edm2_api(feature_network, tmp_path, monkeypatch):
+    net, path = feature_network
+    monkeypatch.setattr(calculate_metrics, '_detector_cache', {})
+    detector = calculate_metrics.get_detector('fd_tiny', False, source=path)
+    assert isinstance(detector, calculate_metrics.FeatureNetworkDetector) and detector.feature_dim == 6
+    assert calculate_metrics.get_detector('fd_tiny', False, source=path) is detector
+    images = torch.as_tensor(np.random.default_rng(3).integers(0, 256, size=[9, 3, 8, 8], dtype=np.uint8))
+    dest = str(tmp_path / 'refs.pkl')
+    results = list(calculate_metrics.calculate_stats_for_iterable([images[:5], images[5:]], ['fd_tiny'], False, dest, 'cpu',
+        detector_sources={'fd_tiny': path}))
+    features = net(images).double().numpy()
+    stats = results[-1].stats
+    assert list(stats) == ['num_images', 'fd_tiny']
+    np.testing.assert_allclose(stats['fd_tiny']['mu'], features.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stats['fd_tiny']['sigma'], np.cov(features, rowvar=False), rtol=1e-5, atol=1e-7)
+    assert list(calculate_metrics.load_stats(dest, verbose=False)) == ['num_images', 'fd_tiny']
+    with pytest.raises(calculate_metrics.DetectorUnavailable, match=r'fd_tiny is not a built-in metric.*--detector=fd_tiny=PATH'):
+        calculate_metrics.get_detector('fd_tiny', False)
+
+
+def test_custom_metric_detector_must_give_one_feature_row_per_image(tmp_path, monkeypatch):
+    path = save_pickle(torch.nn.Flatten(0), tmp_path / 'flat.pkl')  # a torch module, but [N*C*H*W] output
+    monkeypatch.setattr(calculate_metrics, '_detector_cache', {})
+    images = torch.zeros([2, 3, 4, 4], dtype=torch.uint8)
+    with pytest.raises(calculate_metrics.MetricsError, match=r'fd_flat detector returned shape \[96\] for 2 images'):
+        list(calculate_metrics.calculate_stats_for_iterable([images], ['fd_flat'], False, device='cpu',
+            detector_sources={'fd_flat': path}))
+
+
+@pytest.mark.slow
+def test_ref_then_calc_with_a_custom_metric(tmp_path, feature_network, detectors):
+    net, path = feature_network
+    models, paths = detectors
+    ref_dir = write_pngs(tmp_path / 'ref_images', 14, seed=20)
+    gen_dir = write_pngs(tmp_path / 'gen_images', 12, seed=21, brightness=0.6)
+    ref_path = str(tmp_path / 'refs' / 'ref.pkl')
+    detector_args = [f'--detector=fd_tiny={path}', f'--detector=fid={paths["fid"]}']
+    run_script('calculate_metrics.py', 'ref', f'--data={ref_dir}', f'--dest={ref_path}', '--metrics=fd_tiny,fid', '--batch=5',
+               '--workers=0', *detector_args)
+    ref = calculate_metrics.load_stats(ref_path, verbose=False)
+    assert list(ref) == ['num_images', 'fd_tiny', 'fid'] and ref['fd_tiny']['mu'].shape == (6,)
+    ref_features = network_features(ref_dir, net)
+    np.testing.assert_allclose(ref['fd_tiny']['mu'], ref_features.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref['fd_tiny']['sigma'], np.cov(ref_features, rowvar=False), rtol=1e-4, atol=1e-7)
+
+    proc = run_script('calculate_metrics.py', 'calc', f'--images={gen_dir}', f'--ref={ref_path}', '--metrics=fd_tiny,fid',
+                      '--num=12', '--batch=4', '--workers=1', *detector_args)
+    expected = fd_by_eigenvalues(network_features(gen_dir, net), ref_features)
+    assert expected > 1e-3
+    assert printed_value(proc.stdout, 'fd_tiny') == pytest.approx(expected, rel=1e-3)
+    assert printed_value(proc.stdout, 'fid') == pytest.approx(
+        fd_by_eigenvalues(features_of_folder(gen_dir, models)['fid'], features_of_folder(ref_dir, models)['fid']), rel=1e-3)
+
+
+def test_gen_with_a_custom_metric(tmp_path, feature_network, in_process):
+    net, path = feature_network
+    import generate_images
+    from training.encoders import StandardRGBEncoder
+    student = tiny_precond(frozen=True)
+    net_path = save_pickle(network_pickle(student, cd=dict(S=2, sigma_min=0.002, sigma_max=80.0, rho=7.0)), tmp_path / 'student.pkl')
+    ref_dir = write_pngs(tmp_path / 'ref_images', 10, seed=22)
+    ref_path = tmp_path / 'ref.pkl'
+    result = invoke(calculate_metrics.cmdline, 'ref', f'--data={ref_dir}', f'--dest={ref_path}', '--metrics=fd_tiny', '--workers=0',
+                    f'--detector=fd_tiny={path}')
+    assert result.exit_code == 0, result.output
+    result = invoke(calculate_metrics.cmdline, 'gen', f'--net={net_path}', f'--ref={ref_path}', '--metrics=fd_tiny', '--num=9',
+                    '--seed=3', '--batch=4', f'--detector=fd_tiny={path}')
+    assert result.exit_code == 0, result.output
+    rnd = generate_images.StackedRandomGenerator('cpu', range(3, 12))
+    with torch.no_grad():
+        images = StandardRGBEncoder().decode(generate_images.consistency_sampler(student, rnd.randn([9, 3, 8, 8]), num_steps=2))
+        features = net(images).double().numpy()
+    expected = fd_by_eigenvalues(features, network_features(ref_dir, net))
+    assert printed_value(result.stdout, 'fd_tiny') == pytest.approx(expected, rel=1e-3)
+
+
+def test_custom_metric_without_its_detector_is_one_line(tmp_path, feature_network, data16, in_process):
+    _net, path = feature_network
+    images = write_pngs(tmp_path / 'images', 3, seed=23)
+    stats = {'num_images': 3, 'fd_tiny': dict(mu=np.zeros(6), sigma=np.eye(6))}
+    ref_path = str(tmp_path / 'ref.pkl')
+    calculate_metrics.save_stats(stats, ref_path, verbose=False)
+    before = sorted(os.listdir(tmp_path))
+    commands = [['ref', f'--data={images}', f'--dest={tmp_path / "refs" / "new.pkl"}', '--workers=0'],
+                ['calc', f'--images={images}', f'--ref={ref_path}', '--num=3', '--workers=0'],
+                ['gen', f'--net={tmp_path / "never-loaded.pkl"}', f'--ref={ref_path}', '--num=3']]
+    for command in commands:
+        result = invoke(calculate_metrics.cmdline, *command, '--metrics=fd_tiny')
+        assert_user_error(result, 'fd_tiny', '--detector=fd_tiny=PATH')
+        # Another metric's detector does not stand in for it.
+        result = invoke(calculate_metrics.cmdline, *command, '--metrics=fd_tiny,fd_other', f'--detector=fd_tiny={path}')
+        assert_user_error(result, 'fd_other', '--detector=fd_other=PATH')
+    assert sorted(os.listdir(tmp_path)) == before
+
+    # Validation while training: train_edm2.py parses --detector with parse_detector_sources.
+    import train_edm2
+    run_dir = tmp_path / 'run'
+    args = [f'--outdir={run_dir}', f'--data={data16}', '--cond=False', '--preset=tiny-img16', f'--val_ref={ref_path}',
+            '--val_metrics=fd_tiny', '--val_num=4', '--dry-run']
+    result = invoke(train_edm2.cmdline, *args)
+    assert_user_error(result, 'fd_tiny', '--detector=fd_tiny=PATH', exit_code=2)
+    result = invoke(train_edm2.cmdline, *args, '--detector=fd_tiny')
+    assert_user_error(result, 'fd_tiny', 'METRIC=PATH', exit_code=2)
+    assert not run_dir.exists()
+    result = invoke(train_edm2.cmdline, *args, f'--detector=fd_tiny={path}')
+    assert result.exit_code == 0 and 'Dry run' in result.output, result.output

@@ -1,13 +1,18 @@
-"""quickstart.py: the digit-classifier quality metrics, and the whole example end to end (slow)."""
+"""quickstart.py and its digit feature network (training/digit_features.py): the classifier, FD_digits through
+calculate_metrics, the sampled points, and the whole example end to end (slow)."""
+
+import json
+import re
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
-import generate_images
+import calculate_metrics
 import quickstart
-from helpers import make_digits_zip, run_script, tiny_precond
+from helpers import load_pickle, make_digits_zip, run_script, save_pickle
+from training import digit_features
 
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -19,11 +24,23 @@ def digits_zip(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def digits(digits_zip):
+def digits(digits_zip, tmp_path_factory):
     images, labels, _ = quickstart.load_labelled_images(digits_zip)
     train_idx, held_out_idx = quickstart.split_held_out(len(images), seed=0)
-    classifier = quickstart.train_classifier(images[train_idx], labels[train_idx], num_classes=10, epochs=10)
-    return images, labels, train_idx, held_out_idx, classifier
+    classifier = digit_features.train_digit_classifier(images[train_idx], labels[train_idx], num_classes=10, epochs=10)
+    path = save_pickle(classifier, tmp_path_factory.mktemp('classifier') / 'digit-features.pkl')
+    return images, labels, train_idx, held_out_idx, classifier, path
+
+
+@pytest.fixture
+def fresh_detectors(monkeypatch):
+    monkeypatch.setattr(calculate_metrics, '_detector_cache', {})
+
+
+def fd_by_hand(f, f_ref):
+    mu, mu_ref = f.mean(0), f_ref.mean(0)
+    s, s_ref = np.cov(f, rowvar=False), np.cov(f_ref, rowvar=False)
+    return np.sum((mu - mu_ref) ** 2) + np.trace(s + s_ref - 2 * np.real(scipy.linalg.sqrtm(s @ s_ref)))
 
 
 def test_load_labelled_images(digits_zip):
@@ -45,35 +62,49 @@ def test_split_held_out_is_a_reproducible_partition():
 
 
 def test_classifier_is_accurate_on_held_out_digits(digits):
-    images, labels, _, held_out_idx, classifier = digits
-    features, probs = quickstart.classify(classifier, images[held_out_idx])
-    assert features.shape == (len(held_out_idx), 64)
+    images, labels, _, held_out_idx, classifier, _ = digits
+    with torch.no_grad():
+        features = classifier(torch.as_tensor(images[held_out_idx]))
+    assert features.shape == (len(held_out_idx), 64) and features.dtype == torch.float32
+    probs = quickstart.class_probabilities(classifier, images[held_out_idx])
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
     accuracy = np.mean(probs.argmax(axis=1) == labels[held_out_idx])
     assert accuracy > 0.9
     assert quickstart.class_agreement(probs, labels[held_out_idx]) == pytest.approx(accuracy)
 
 
-def test_fd_separates_real_digits_from_noise(digits):
-    images, _, train_idx, held_out_idx, classifier = digits
-    reference, _ = quickstart.classify(classifier, images[train_idx])
-    real, real_probs = quickstart.classify(classifier, images[held_out_idx])
-    noise_images = np.random.RandomState(0).randint(0, 256, size=images[held_out_idx].shape).astype(np.uint8)
-    noise, _ = quickstart.classify(classifier, noise_images)
-    fd_real, fd_noise = quickstart.frechet_distance(real, reference), quickstart.frechet_distance(noise, reference)
-    assert fd_real < 0.1 * fd_noise
-    assert quickstart.mean_confidence(real_probs) > 0.8
+def test_classifier_pickle_carries_its_source_and_is_the_fd_digits_detector(digits, fresh_detectors, tmp_path):
+    images, _, _, held_out_idx, classifier, path = digits
+    loaded = load_pickle(path)
+    assert type(loaded) is not digit_features.DigitClassifier and type(loaded).__name__ == 'DigitClassifier'  # rebuilt from its source
+    batch = torch.as_tensor(images[held_out_idx[:20]])
+    with torch.no_grad():
+        assert torch.equal(loaded(batch), classifier(batch))
+        assert torch.equal(loaded.class_probabilities(batch), classifier.class_probabilities(batch))
+    detector = calculate_metrics.get_detector('fd_digits', verbose=False, source=path)
+    assert detector.feature_dim == 64 and torch.equal(detector(batch), classifier(batch))
+    assert quickstart.load_classifier(path) is detector.model
+    # A process that never imports training.digit_features loads it too.
+    np.save(tmp_path / 'batch.npy', batch.numpy())
+    code = ('import pickle, sys, numpy, torch; net = pickle.load(open(sys.argv[1], "rb")); '
+            'assert "training.digit_features" not in sys.modules; '
+            'numpy.save(sys.argv[3], net(torch.as_tensor(numpy.load(sys.argv[2]))).detach().numpy())')
+    run_script('-c', code, path, tmp_path / 'batch.npy', tmp_path / 'features.npy')
+    np.testing.assert_array_equal(np.load(tmp_path / 'features.npy'), classifier(batch).detach().numpy())
 
 
-def test_frechet_distance_matches_scipy_formula():
-    rng = np.random.RandomState(1)
-    a = rng.randn(400, 6) @ rng.randn(6, 6)
-    b = rng.randn(300, 6) @ rng.randn(6, 6) + 0.5
-    mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    expected = np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a + cov_b - 2 * np.real(scipy.linalg.sqrtm(cov_a @ cov_b)))
-    assert quickstart.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
-    assert quickstart.frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+def test_fd_digits_through_calculate_metrics(digits, fresh_detectors):
+    images, _, train_idx, held_out_idx, classifier, path = digits
+    ref = quickstart.feature_stats(quickstart.image_batches(images[train_idx], 128), path)
+    assert list(ref) == ['num_images', 'fd_digits'] and ref['num_images'] == len(train_idx)
+    real = quickstart.fd_to_reference(quickstart.feature_stats(quickstart.image_batches(images[held_out_idx], 100), path), ref)
+    with torch.no_grad():
+        features = lambda x: classifier(torch.as_tensor(x)).double().numpy()
+        assert real == pytest.approx(fd_by_hand(features(images[held_out_idx]), features(images[train_idx])), rel=1e-4)
+        noise_images = np.random.RandomState(0).randint(0, 256, size=images[held_out_idx].shape).astype(np.uint8)
+    noise = quickstart.fd_to_reference(quickstart.feature_stats(quickstart.image_batches(noise_images, 128), path), ref)
+    assert real < 0.1 * noise
+    assert quickstart.mean_confidence(quickstart.class_probabilities(classifier, images[held_out_idx])) > 0.8
 
 
 def test_confidence_and_agreement_by_hand():
@@ -91,22 +122,42 @@ def test_format_table_lists_every_row():
     assert lines[3] == '| student | 4 | 5 | 3.50 | 0.700 | - |'
 
 
-def test_conditioned_classes_and_images_match_generate_images(tmp_path):
-    net = tiny_precond(label_dim=10, frozen=True)
-    seeds = [0, 1, 2, 7, 100, 12345]
-    labels, images = [], []
-    for r in generate_images.generate_images(net, outdir=str(tmp_path), seeds=seeds, max_batch_size=4, device='cpu',
-                                             verbose=False, sampler_fn='euler', num_steps=2):
-        labels.append(r.labels.argmax(dim=1))
-        images.append(r.images)
-    expected_classes = torch.cat(labels).numpy()
-    assert len(set(expected_classes.tolist())) > 1
-    classes = quickstart.conditioned_classes(seeds, label_dim=10, image_shape=[3, 8, 8], device='cpu')
-    assert np.array_equal(classes, expected_classes)
-    if not torch.cuda.is_available():  # the default device (torch_utils.misc.default_device) is then the CPU
-        assert np.array_equal(quickstart.conditioned_classes(seeds, label_dim=10, image_shape=[3, 8, 8]), expected_classes)
-    loaded = quickstart.load_generated(str(tmp_path), seeds)
-    assert np.array_equal(loaded, torch.cat(images).numpy())
+def test_sample_points_and_figure_lines():
+    c = quickstart.CONFIGS['full']
+    points = quickstart.sample_points(c, S=4)
+    keys = [(p.network, p.sampler, p.steps, p.nfe) for p in points]
+    assert keys == [('teacher', 'euler', k, k) for k in (1, 2, 4, 8, 16)] + \
+        [('teacher', 'heun', k, 2 * k - 1) for k in (2, 4, 8, 16, 32)] + [('student', 'euler', k, k) for k in (1, 2, 4, 8)]
+    assert len({p.tag for p in points}) == len(points)
+    names = {p.steps: p.name for p in points if p.network == 'student'}
+    assert names[4] == 'student, 4 steps' and names[1] == 'student, 1 step (trained for S=4: off its grid)'
+    for p in points:
+        p.value = float(p.nfe)
+    rows = quickstart.figure_rows(points, S=4)
+    lines = {}
+    for row in rows:
+        lines.setdefault(row['name'], []).append(row['nfe'])
+    assert lines == {'teacher, Euler': [1, 2, 4, 8, 16], 'teacher, Heun': [3, 7, 15, 31, 63],
+                     'same student, also at 1, 2, 8 steps (off its grid)': [1, 2, 4, 8], 'student, S=4 (its training grid)': [4]}
+    assert list(lines)[-1] == 'student, S=4 (its training grid)'  # drawn last, on top of the other student line
+    # S outside the configured lists is added: the table's rows are always there.
+    extra = quickstart.sample_points(quickstart.CONFIGS['quick'], S=3)
+    assert {('teacher', 'euler', 3), ('teacher', 'heun', 32), ('student', 'euler', 3)} <= {(p.network, p.sampler, p.steps) for p in extra}
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def table_lines(text):
+    """{row name: cells} of the quality table (the one with a 'class agreement' column and an 'N' column)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip('|').split('|')]
+        if len(cells) == 6 and line.startswith('| ') and cells[0] != 'images':
+            rows[cells[0]] = cells
+    return rows
 
 
 @pytest.mark.slow
@@ -114,13 +165,54 @@ def test_quickstart_end_to_end(tmp_path):
     outdir = tmp_path / 'run'
     command = ['quickstart.py', f'--outdir={outdir}', '--quick', '--steps=2']
     result = run_script(*command, timeout=1200)
-    for tag in ['teacher-heun', 'teacher-euler2', 'student2']:
-        assert (outdir / f'grid-{tag}.png').stat().st_size > 0
-    table_rows = ['real held-out digits', 'teacher Heun', 'teacher Euler, 2 steps', 'student, 2 steps']
+    c = quickstart.CONFIGS['quick']
+    images, _, _ = quickstart.load_labelled_images(str(outdir / 'digits-16.zip'))
+    train_idx, held_out_idx = quickstart.split_held_out(len(images), seed=0)
+    num = len(held_out_idx)
+
+    # The reference statistics are calculate_metrics' statistics of the training-split digits.
+    ref = calculate_metrics.load_stats(str(outdir / 'refs-digits.pkl'), verbose=False)
+    assert list(ref) == ['num_images', 'fd_digits'] and ref['num_images'] == len(train_idx) == c.max_images - num
+    net = load_pickle(outdir / 'digit-features.pkl')
+    with torch.no_grad():
+        features = net(torch.as_tensor(images[train_idx])).double().numpy()
+    np.testing.assert_allclose(ref['fd_digits']['mu'], features.mean(0), rtol=1e-5, atol=1e-6)
+
+    # Validation rows: the teacher's own snapshot, and the student's table (two baselines and the student).
+    teacher_rows = read_jsonl(outdir / 'teacher' / 'metrics-val.jsonl')
+    assert [(r['network'], r['sampler'], r['steps'], r['metric'], r['images']) for r in teacher_rows] == \
+        [('trained', 'heun', 32, 'fd_digits', num)]
+    student_rows = read_jsonl(outdir / 'student' / 'metrics-val.jsonl')
+    assert [(r['network'], r['sampler'], r['steps'], r['nfe'], r['metric'], r['images']) for r in student_rows] == [
+        ('teacher', 'euler', 2, 2, 'fd_digits', num), ('teacher', 'heun', 32, 63, 'fd_digits', num),
+        ('trained', 'euler', 2, 2, 'fd_digits', num)]
+    assert student_rows[-1]['snapshot'] == 'network-snapshot-0000001-0.100.pkl'
+    assert teacher_rows[0]['value'] == pytest.approx(student_rows[1]['value'], rel=1e-4)  # the same network, twice
+
+    # The table: its FD values are the validation values; the sampled images give the same ones again.
     results = (outdir / 'results.md').read_text()
-    for row in table_rows:
-        assert f'| {row}' in result.stdout and f'| {row}' in results
+    table = table_lines(results)
+    expected = {'teacher Heun, 32 steps': student_rows[1], 'teacher Euler, 2 steps': student_rows[0],
+                'student, 2 steps': student_rows[2]}
+    assert list(table) == ['real held-out digits', *expected]
+    assert table_lines(result.stdout) == table
+    for name, row in expected.items():
+        assert table[name][1:4] == [str(row['nfe']), str(num), f'{row["value"]:.2f}']
+    points = {p.tag: json.loads((outdir / 'samples' / f'{p.tag}.json').read_text()) for p in quickstart.sample_points(c, 2)}
+    for tag, row in zip(['teacher-euler2', 'teacher-heun32', 'student2'], student_rows):
+        assert points[tag]['fd'] == pytest.approx(row['value'], rel=1e-4) and points[tag]['num_images'] == num
+    assert table['student, 2 steps'][4:] == [f'{points["student2"]["confidence"]:.3f}', f'{points["student2"]["agreement"]:.3f}']
+    assert float(table['real held-out digits'][3]) < min(row['value'] for row in student_rows)
+
+    # Curves, figure and grids.
+    pngs = ['plots-teacher/loss.png', 'plots-teacher/validation.png', 'plots-student/loss.png', 'plots-student/cd.png',
+            'plots-student/validation.png', 'quality-vs-steps.png'] + [f'samples/grid-{tag}.png' for tag in points]
+    for png in pngs:
+        assert (outdir / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', png
+    for png in pngs[:-len(points)]:
+        assert f']({png})' in results
+    assert re.search(r'\| teacher Euler, 1 step \| euler \| 1 \| 1 \| [0-9.]+ \| in-process \|', results)
 
     rerun = run_script(*command)
-    assert rerun.stdout.count('skipping') == 7
-    assert all(f'| {row}' in rerun.stdout for row in table_rows)
+    assert rerun.stdout.count('skipping') == 5 + len(points)  # dataset, classifier, references, teacher, student, points
+    assert table_lines(rerun.stdout) == table
