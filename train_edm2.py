@@ -416,7 +416,7 @@ def launch_training(run_dir, c):
     default=None)
 @click.option('--val_std', help='EMA profile to validate [default: the last one, e.g. 0.100]', metavar='FLOAT',
     type=FiniteFloat(min=0, min_open=True))
-@click.option('--detector', help='Local file or URL of a metric\'s detector, e.g. fid=inception-2015-12-05.pkl (repeatable)',
+@click.option('--detector', help='Local file or URL of a metric\'s detector, e.g. fid=inception-2015-12-05.pkl, or fd_<name>=PKL for your own feature network (repeatable)',
     metavar='METRIC=PATH', multiple=True, callback=lambda ctx, param, values: (
         calculate_metrics.parse_detector_sources(ctx, param, values) or None))
 @click.option('--wandb', help='Log statistics, validation results and samples to Weights & Biases (needs wandb)',
