@@ -8,7 +8,10 @@ In one run on one network architecture and one batch, this times
   * generate_images.consistency_sampler against S bare network evaluations of the same batch,
 and the peak memory of both training steps. docs/benchmarks.md explains each measurement.
 
-    python bench/bench_cd.py --net-size=tiny --batch=16 --S=8 --T=256
+    python bench/bench_cd.py --net-size=tiny --batch=16 --S=8 --T=256 [--teacher_solver=ddim]
+
+--teacher_solver picks the teacher's step along an edge (heun, ddim or addim), as the loss option of
+the same name does; the report names the one it timed.
 """
 
 import concurrent.futures
@@ -51,7 +54,7 @@ ADAM_KWARGS = dict(lr=1e-4, betas=(0.9, 0.99), eps=1e-8)  # EDM2's betas; the ra
 #----------------------------------------------------------------------------
 # The two training setups on identical weights and data.
 
-def build_setup(net_size, batch, S, T, dropout, fp16, device, seed):
+def build_setup(net_size, batch, S, T, dropout, fp16, device, seed, teacher_solver='heun'):
     """Plain EDM2 network, CD teacher and student (all with the same initial weights), losses and batch."""
     torch.manual_seed(seed)
     net_kwargs = dict(NET_SIZES[net_size], use_fp16=fp16, dropout=dropout)
@@ -62,7 +65,8 @@ def build_setup(net_size, batch, S, T, dropout, fp16, device, seed):
     misc.copy_params_and_buffers(teacher, student, require_all=True)
     student.logvar_linear.requires_grad_(False)  # CD never trains the uncertainty head
 
-    cd_loss = loss_cd.EDMConsistencyDistillLoss(teacher, S=S, T_start=T, T_end=T, T_anneal_kimg=0)
+    cd_loss = loss_cd.EDMConsistencyDistillLoss(teacher, S=S, T_start=T, T_end=T, T_anneal_kimg=0,
+        teacher_solver=teacher_solver)
     channels, resolution = plain_net.img_channels, plain_net.img_resolution
     images = torch.randn([batch, channels, resolution, resolution], device=device) * cd_loss.sigma_data
     labels = torch.eye(plain_net.label_dim, device=device)[torch.randint(plain_net.label_dim, [batch], device=device)]
@@ -364,6 +368,9 @@ def describe_device(device):
     return f'{model}; {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads'
 
 
+SOLVER_NAMES = dict(heun='Heun', ddim='DDIM', addim='aDDIM')  # as the breakdown row names the teacher's hop
+
+
 def load_average():
     return '/'.join(f'{value:.2f}' for value in os.getloadavg())
 
@@ -383,7 +390,9 @@ def print_report(setup, config, training, syncs, sampling, peaks):
     synced_target = setup.cd_loss.sync_dropout and loss_cd._has_active_dropout(setup.student)
     target_rows = batch if synced_target else mean_counts['general']
     # Network evaluations per sample: forward + backward ~ 3 forwards; no-grad forwards count 1.
-    floor = (3 * batch + 2 * (batch - mean_counts['terminal']) + target_rows) / (3 * batch)
+    solver = setup.cd_loss.teacher_solver
+    teacher_evals = loss_cd.TEACHER_EVALUATIONS[solver]
+    floor = (3 * batch + teacher_evals * (batch - mean_counts['terminal']) + target_rows) / (3 * batch)
     sampler, raw = median(sampling.sampler), median(sampling.raw)
     # Ratios come from the two sides of each rep, timed back to back, so slow drifts of the machine cancel.
     paired_ratio = lambda numerators, denominators: median(a / b for a, b in zip(numerators, denominators))
@@ -397,6 +406,8 @@ def print_report(setup, config, training, syncs, sampling, peaks):
     print(f'network {config.net_size} ({sum(p.numel() for p in setup.student.parameters()):,} parameters), '
         f'batch {batch}, S={config.S}, T={config.T} (T_eff={grids.T_eff}), dropout {config.dropout}, '
         f'mixed precision {"on" if config.fp16 and setup.device.type == "cuda" else "off"}')
+    print(f'teacher solver {solver} ({teacher_evals} teacher evaluation{"s" if teacher_evals > 1 else ""} '
+        f'per non-terminal row)')
     print(f'medians of {config.reps} reps after {config.warmup} warm-up reps; '
         f'edge classes per batch (mean): ' + ', '.join(f'{k} {v:.2f}' for k, v in mean_counts.items()))
     kind = 'kernel time (CUDA)' if setup.device.type == 'cuda' else 'host wall time'
@@ -410,7 +421,8 @@ def print_report(setup, config, training, syncs, sampling, peaks):
         ('plain EDM2 step (EDM2Loss fwd + bwd + Adam)', plain, cd, plain),
         ('CD step (EDMConsistencyDistillLoss fwd + bwd + Adam)', cd, cd, plain),
     ] + [(label, seconds, profiled_cd, profiled_plain) for label, seconds in [
-        ('  teacher Heun hop (2 evals, non-terminal rows)', parts['teacher']),
+        (f'  teacher {SOLVER_NAMES[solver]} hop ({teacher_evals} eval{"s" if teacher_evals > 1 else ""}, '
+            'non-terminal rows)', parts['teacher']),
         ('  student forward (with grad)', parts['forward']),
         ('  student backward', parts['backward']),
         (f'  target pass (no grad, {"full batch, synced dropout" if synced_target else "general rows"})',
@@ -452,7 +464,9 @@ def print_report(setup, config, training, syncs, sampling, peaks):
 @click.option('--fp16', help='Run the networks in float16 (CUDA only; CPU stays float32)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--dropout', help='Dropout probability of all three networks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.0, show_default=True)
 @click.option('--seed', help='Seed of weights, batch and the per-step reseed', metavar='INT', type=int, default=0, show_default=True)
-def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed):
+@click.option('--teacher_solver', '--teacher-solver', 'teacher_solver', help='Teacher step along an edge (the CD loss option)',
+    type=click.Choice(loss_cd.TEACHER_SOLVERS), default='heun', show_default=True)
+def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed, teacher_solver):
     """Time a CD training step against a plain EDM2 training step, and S-step sampling against S evaluations."""
     device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -467,7 +481,8 @@ def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
-    build_kwargs = dict(net_size=net_size, batch=batch, S=S, T=T, dropout=dropout, fp16=fp16, device=device, seed=seed)
+    build_kwargs = dict(net_size=net_size, batch=batch, S=S, T=T, dropout=dropout, fp16=fp16, device=device, seed=seed,
+        teacher_solver=teacher_solver)
     config = dnnlib.EasyDict(build_kwargs, reps=reps, warmup=warmup, load_before=load_average())
     if device.type == 'cpu':
         # Before this process builds its own copy, so that only one copy of the networks is in memory.

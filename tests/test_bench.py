@@ -30,10 +30,23 @@ def test_bench_prints_ratios_breakdown_and_memory():
             'gradient sanitising', 'other'):
         assert re.search(rf'^\s+{part}.*\s-?\d+\.\d\d\s', out, re.MULTILINE), f'no breakdown row {part!r} in:\n{out}'
     assert 'on cpu' in out and 'S=2, T=4' in out
+    assert 'teacher solver heun (2 teacher evaluations per non-terminal row)' in out
     assert 'named ranges of the real loss in 1 profiled CD steps' in out
     assert 'host syncs per step: plain n/a, CD n/a' in out
     peaks = re.search(r'^step peak above resident.*?(\d+\.\d)\s+(\d+\.\d)$', out, re.MULTILINE)
     assert peaks and float(peaks.group(1)) > 0 and float(peaks.group(2)) > 0, out
+
+
+@pytest.mark.slow
+def test_bench_times_the_ddim_teacher():
+    out = run_bench(*SMALLEST, '--teacher_solver=ddim').stdout
+    assert 'teacher solver ddim (1 teacher evaluation per non-terminal row)' in out
+    assert re.search(r'^\s+teacher DDIM hop \(1 eval, non-terminal rows\)\s+\d+\.\d\d\s', out, re.MULTILINE), out
+    ratio = printed_value(out, 'CD step / plain step')
+    assert math.isfinite(ratio) and ratio > 0
+    # The floor counts one teacher evaluation per non-terminal row: 1 + (1 * non-terminal + target rows) / 3 per sample.
+    floor = float(re.search(r'network-evaluation floor for these edges (\d+\.\d+)', out).group(1))
+    assert 1 <= floor <= 1 + 2 / 3 + 1e-9
 
 
 def test_bench_rejects_fewer_teacher_edges_than_student_steps():
@@ -42,12 +55,14 @@ def test_bench_rejects_fewer_teacher_edges_than_student_steps():
     assert '--T' in result.stderr and 'T >= S = 8' in result.stderr
 
 
-def all_classes_setup(seed=1):
+def all_classes_setup(seed=1, teacher_solver='heun'):
     """A bench setup whose CD loss also runs the terminal teacher evaluation, and a step (cur_nimg)
     whose batch holds all three edge classes, so that every range of the loss is entered."""
-    setup = bench_cd.build_setup('tiny', batch=6, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=seed)
+    setup = bench_cd.build_setup('tiny', batch=6, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=seed,
+        teacher_solver=teacher_solver)
+    assert setup.cd_loss.teacher_solver == teacher_solver
     setup.cd_loss = loss_cd.EDMConsistencyDistillLoss(setup.teacher, S=2, T_start=4, T_end=4, T_anneal_kimg=0,
-        sampling_mode='uniform', terminal_teacher_hop=True)
+        sampling_mode='uniform', terminal_teacher_hop=True, teacher_solver=teacher_solver)
     for cur_nimg in range(0, 6 * 50, 6):
         misc.set_random_seed(3, 0, cur_nimg)
         edges, _ = setup.cd_loss.draw_edges(setup.images, setup.cd_loss.grids(4))
@@ -57,8 +72,9 @@ def all_classes_setup(seed=1):
     raise AssertionError('no step with all three edge classes')
 
 
-def test_breakdown_ranges_are_those_of_the_loss(single_thread):
-    setup, cur_nimg = all_classes_setup()
+@pytest.mark.parametrize('teacher_solver', ['heun', 'ddim', 'addim'])
+def test_breakdown_ranges_are_those_of_the_loss(single_thread, teacher_solver):
+    setup, cur_nimg = all_classes_setup(teacher_solver=teacher_solver)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         misc.set_random_seed(3, 0, cur_nimg)
         setup.cd_loss(net=setup.student, images=setup.images, labels=setup.labels)

@@ -63,11 +63,18 @@ def test_ct_reuses_cd_for_everything_but_the_hop():
 
 
 @pytest.mark.parametrize('kwargs, option', [(dict(teacher_pkl='x.pkl'), 'teacher_pkl'),
-    (dict(terminal_teacher_hop=True), 'terminal_teacher_hop'), (dict(S=4, T_start=2), 'T_start')])
+    (dict(terminal_teacher_hop=True), 'terminal_teacher_hop'), (dict(S=4, T_start=2), 'T_start'),
+    (dict(teacher_solver='ddim'), 'teacher_solver'), (dict(teacher_solver='addim', addim_eta=0.5), 'teacher_solver'),
+    (dict(addim_eta=0.75), 'addim_eta')])
 def test_ct_refuses_settings_it_cannot_use(kwargs, option):
     with pytest.raises(dnnlib.UserError) as info:
         ConsistencyTrainingLoss(**kwargs)
     assert info.value.option == option
+
+
+def test_ct_has_no_teacher_options():
+    assert not {'teacher', 'terminal_teacher_hop', 'teacher_solver', 'addim_eta'} & set(ConsistencyTrainingLoss.OPTIONS)
+    assert ConsistencyTrainingLoss(teacher_solver='heun', terminal_teacher_hop=False).teacher_solver == 'heun'  # the defaults pass
 
 #----------------------------------------------------------------------------
 # The command line, on conftest.py's data16 and, as the network to start from, its teacher16.

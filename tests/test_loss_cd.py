@@ -14,6 +14,7 @@ from helpers import AnalyticStudent, AnalyticTeacher, load_fixture, run_script, 
 from torch_utils import distributed as dist
 from torch_utils import training_stats
 from training import consistency_ops
+from training import loss_cd
 from training.loss_cd import (EDMConsistencyDistillLoss, LOSS_WEIGHTS, device_rng_state, loss_weight,
     synchronised_student_pass)
 from training.networks_edm2 import suppress_inplace_weight_norm
@@ -110,6 +111,120 @@ def test_broken_sigma_ordering_is_rejected(ref):
     with pytest.raises(ValueError, match=r'ordering.*sample 4 \(general edge, segment j=2'):
         parity_loss(ref).loss_from_edges(AnalyticStudent(), torch.from_numpy(ref['y']), None, edges,
             torch.from_numpy(ref['eps']))
+
+#----------------------------------------------------------------------------
+# Teacher solvers (docs/algorithm.md §8.5): heun is the reference's hop; ddim and addim take one step
+# with one teacher evaluation. Written out here from the formulas, independently of consistency_ops.
+
+def hand_written_hop(solver, teacher, eta=0.75):
+    """ode_hop of the given one-evaluation solver, spelled out per sample in float64 NumPy."""
+    def hop(x_t, sigma_t, sigma_s, labels, images, noise):
+        denoised = teacher(x_t.float(), sigma_t).double().numpy()
+        out = np.empty_like(denoised)
+        for i in range(len(out)):
+            t, s, x, D = float(sigma_t[i]), float(sigma_s[i]), x_t[i].numpy(), denoised[i]
+            eps_hat = (x - D) / t
+            if solver == 'ddim':
+                out[i] = D + s * eps_hat
+            else:  # Heek et al. 2024, Eq. 14 with alpha = 1 and x_var = eta |D - y|^2 / d
+                d = x.size
+                x_var = eta * np.sum((D - images[i].numpy()) ** 2) / d
+                out[i] = D + np.sqrt(s ** 2 + d * (1 - s / t) ** 2 * x_var / np.sum(eps_hat ** 2)) * eps_hat
+        return torch.from_numpy(out)
+    return hop
+
+
+class RowCounter(AnalyticTeacher):
+    """The analytic teacher, counting the rows it evaluates."""
+    rows = 0
+
+    def forward(self, x, sigma, class_labels=None, **kwargs):
+        self.rows += len(x)
+        return super().forward(x, sigma, class_labels)
+
+
+def test_heun_solver_is_the_default_and_keeps_the_reference_loss(ref):
+    y, eps, edges = torch.from_numpy(ref['y']), torch.from_numpy(ref['eps']), fixture_edges(ref)
+    default = parity_loss(ref)
+    assert default.teacher_solver == 'heun' and default.hyperparameters()['teacher_solver'] == 'heun'
+    explicit = parity_loss(ref, teacher_solver='heun').loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    assert torch.equal(explicit, default.loss_from_edges(AnalyticStudent(), y, None, edges, eps))
+    expected = ref['loss__tth0__pseudo_huber__sqrt_karras']
+    weight = ref['weight__sqrt_karras'].reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(explicit.numpy() / weight, expected / weight, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('solver, kwargs', [('ddim', {}), ('addim', {}), ('addim', dict(addim_eta=0.3))])
+@pytest.mark.parametrize('loss_type', ['pseudo_huber', 'l2'])
+def test_one_evaluation_solvers_match_a_hand_written_hop(ref, solver, kwargs, loss_type):
+    y, eps, edges = torch.from_numpy(ref['y']), torch.from_numpy(ref['eps']), fixture_edges(ref)
+    loss_fn = parity_loss(ref, teacher_solver=solver, loss_type=loss_type, **kwargs)
+    loss = loss_fn.loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    by_hand = parity_loss(ref, loss_type=loss_type)
+    by_hand.ode_hop = hand_written_hop(solver, AnalyticTeacher(), **({'eta': kwargs['addim_eta']} if kwargs else {}))
+    expected = by_hand.loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    # The targets carry gains up to ~1e3 (boundary snaps), so allow for the float64 rounding order.
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    heun = parity_loss(ref, loss_type=loss_type).loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    non_terminal = ~edges['is_terminal']
+    assert not torch.allclose(loss[non_terminal], heun[non_terminal], rtol=1e-3)  # the option changes the target
+    torch.testing.assert_close(loss[~non_terminal], heun[~non_terminal], rtol=0, atol=0)  # terminal rows: no hop
+
+
+def test_teacher_evaluations_per_edge(ref):
+    y, eps, edges = torch.from_numpy(ref['y']), torch.from_numpy(ref['eps']), fixture_edges(ref)
+    non_terminal = int((~edges['is_terminal']).sum())
+    for solver, evaluations in [('heun', 2), ('ddim', 1), ('addim', 1)]:
+        teacher = RowCounter()
+        T = int(ref['T_target'])
+        loss_fn = EDMConsistencyDistillLoss(teacher, S=int(ref['S']), T_start=T, T_end=T, report_stats=False,
+            teacher_solver=solver)
+        loss_fn.loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+        assert teacher.rows == evaluations * non_terminal, solver
+        assert loss_cd.TEACHER_EVALUATIONS[solver] == evaluations
+
+
+def test_addim_without_correction_gives_the_ddim_loss(ref):
+    y, eps, edges = torch.from_numpy(ref['y']), torch.from_numpy(ref['eps']), fixture_edges(ref)
+    addim = parity_loss(ref, teacher_solver='addim', addim_eta=0.0).loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    ddim = parity_loss(ref, teacher_solver='ddim').loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    assert torch.equal(addim, ddim)
+
+
+@pytest.mark.parametrize('kwargs, option, message', [
+    (dict(teacher_solver='euler'), 'teacher_solver', r"teacher_solver must be one of \('heun', 'ddim', 'addim'\), got 'euler'"),
+    (dict(teacher_solver=None), 'teacher_solver', 'teacher_solver must be one of'),
+    (dict(teacher_solver='addim', addim_eta=1.5), 'addim_eta', r'addim_eta must lie in \[0, 1\], got 1.5'),
+    (dict(teacher_solver='addim', addim_eta=-0.1), 'addim_eta', 'addim_eta must lie in'),
+    (dict(teacher_solver='addim', addim_eta=float('nan')), 'addim_eta', 'addim_eta must lie in'),
+    (dict(addim_eta=0.75), 'addim_eta', "addim_eta has no effect with teacher_solver='heun'"),
+    (dict(teacher_solver='ddim', addim_eta=0.5), 'addim_eta', "addim_eta has no effect with teacher_solver='ddim'"),
+])
+def test_bad_teacher_solver_settings_are_refused(kwargs, option, message):
+    with pytest.raises(dnnlib.UserError, match=message) as info:
+        EDMConsistencyDistillLoss(None, **kwargs)
+    assert info.value.option == option
+
+
+def test_teacher_solver_is_a_hyperparameter_and_old_states_mean_heun(tmp_path):
+    settings = dict(S=4, T_start=8, T_end=16)
+    assert EDMConsistencyDistillLoss(None, teacher_solver='addim', **settings).hyperparameters()['addim_eta'] == 0.75
+    assert 'teacher_solver' in EDMConsistencyDistillLoss.OPTIONS and 'addim_eta' in EDMConsistencyDistillLoss.OPTIONS
+    heun = EDMConsistencyDistillLoss(AnalyticTeacher(), **settings)
+    heun.set_progress(4000)
+    state = heun.state_dict()
+    for name in ('teacher_solver', 'addim_eta'):  # a training state from before the option existed
+        del state['hyperparameters'][name]
+    resumed = EDMConsistencyDistillLoss(AnalyticTeacher(), **settings)
+    resumed.load_state_dict(state)
+    assert resumed.progress_kimg == 4
+    for change in [dict(teacher_solver='ddim'), dict(teacher_solver='addim'), dict(teacher_solver='addim', addim_eta=0.5)]:
+        with pytest.raises(dnnlib.UserError, match=f'{"addim_eta" if "addim_eta" in change else "teacher_solver"}: checkpoint'):
+            EDMConsistencyDistillLoss(AnalyticTeacher(), **settings, **change).load_state_dict(state)
+    addim = EDMConsistencyDistillLoss(AnalyticTeacher(), teacher_solver='addim', **settings)
+    with pytest.raises(dnnlib.UserError, match="addim_eta: checkpoint 0.75, now 0.5"):
+        EDMConsistencyDistillLoss(AnalyticTeacher(), teacher_solver='addim', addim_eta=0.5, **settings).load_state_dict(
+            addim.state_dict())
 
 #----------------------------------------------------------------------------
 # Synchronised dropout and the in-place weight normalisation of EDM2 networks.
@@ -257,7 +372,7 @@ def test_checkpoint_restores_progress_and_refuses_other_settings(tmp_path):
     assert resumed.progress_kimg == 12.5 and resumed.edge_counts == loss_fn.edge_counts
     assert resumed.teacher_net is teacher
 
-    for change in [dict(S=2), dict(loss_type='l2'), dict(T_end=32)]:
+    for change in [dict(S=2), dict(loss_type='l2'), dict(T_end=32), dict(teacher_solver='ddim')]:
         other = EDMConsistencyDistillLoss(AnalyticTeacher(), **{**dict(S=4, T_start=8, T_end=16), **change})
         name = next(iter(change))
         with pytest.raises(ValueError, match=f'{name}: checkpoint'):

@@ -259,4 +259,62 @@ def heun_hop_edm(net, x_t, sigma_t, sigma_s, class_labels=None, check=True):
     d_s = (x_euler - net(x_euler.to(torch.float32), sigma_s, class_labels).to(torch.float64)) / s_s
     return (x + 0.5 * (s_s - s_t) * (d_t + d_s)).to(x_t.dtype)
 
+
+@torch.no_grad()
+def ddim_hop_edm(net, x_t, sigma_t, sigma_s, class_labels=None, check=True):
+    """One DDIM (Euler) step of the probability-flow ODE from sigma_t to sigma_s (one net call):
+    x_s = D + (sigma_s / sigma_t) * (x_t - D) with D = net(x_t; sigma_t), float64 as heun_hop_edm."""
+    sigma_t = torch.as_tensor(sigma_t, dtype=torch.float64, device=x_t.device)
+    if check:
+        _raise_if_zero('ddim_hop_edm', 'sigma_t', sigma_t)
+    prediction = net(x_t.to(torch.float32), sigma_t, class_labels)
+    return ddim_step_edm(x_t, prediction, sigma_t, sigma_s, check=False)
+
+
+def _per_sample_sum_of_squares(x):
+    """Sum of squares of each sample (all dims after the first; x has at least two), shaped [N, 1, ...]."""
+    return x.square().sum(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def addim_step_edm(x_t, x_pred_t, sigma_t, sigma_s, x_var, check=True):
+    """Adjusted DDIM step (Heek et al. 2024, §3.2, Eq. 14) from sigma_t to sigma_s in EDM's parameterisation.
+
+    x_var is the posterior variance per dimension, tr(Var[y | x_t]) / d, one value per sample (or a
+    scalar). The DDIM step's noise term is lengthened so that the step restores the variance that
+    the mean prediction lacks: x_s = x_pred + (sigma_eff / sigma_t) * (x_t - x_pred) with
+    sigma_eff = hypot(sigma_s, (sigma_t - sigma_s) * sqrt(d * x_var) / |x_t - x_pred|) (docs/algorithm.md §8.5).
+    With x_var = 0 this is exactly ddim_step_edm. Arithmetic is float64; the result takes x_t's dtype.
+    """
+    sigma_t, sigma_s = _sigma_like(sigma_t, x_t), _sigma_like(sigma_s, x_t)
+    x_var = _sigma_like(x_var, x_t)
+    if check:
+        _raise_if_zero('addim_step_edm', 'sigma_t', sigma_t)
+        negative = (x_var.flatten() < 0).nonzero().flatten()
+        if len(negative):
+            raise ValueError(f'addim_step_edm: x_var must be >= 0, but it is negative for samples {negative.tolist()}')
+    x, x_pred = x_t.to(torch.float64), x_pred_t.to(torch.float64)
+    noise_norm = _per_sample_sum_of_squares(x - x_pred).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+    extra = (sigma_t - sigma_s) * (math.prod(x.shape[1:]) * x_var).sqrt() / noise_norm
+    sigma_eff = torch.hypot(sigma_s, extra)
+    return (x_pred + (sigma_eff / sigma_t) * (x - x_pred)).to(x_t.dtype)
+
+
+@torch.no_grad()
+def addim_hop_edm(net, x_t, sigma_t, sigma_s, images, eta, class_labels=None, check=True):
+    """One adjusted DDIM step of the teacher from sigma_t to sigma_s (one net call), for distillation.
+
+    The posterior variance of each sample is estimated from its clean latent `images` (y), as Heek et
+    al. 2024 do (Algorithm 1; eta is their xvar_frac): x_var = eta * |D - y|^2 / d, D = net(x_t; sigma_t).
+    eta = 0 gives ddim_hop_edm exactly.
+    """
+    sigma_t = torch.as_tensor(sigma_t, dtype=torch.float64, device=x_t.device)
+    if check:
+        _raise_if_zero('addim_hop_edm', 'sigma_t', sigma_t)
+        if not 0 <= eta <= 1:
+            raise ValueError(f'addim_hop_edm: eta must lie in [0, 1], got {eta}')
+    prediction = net(x_t.to(torch.float32), sigma_t, class_labels).to(torch.float64)
+    error = prediction - images.to(torch.float64)
+    x_var = eta * _per_sample_sum_of_squares(error).flatten() / math.prod(error.shape[1:])
+    return addim_step_edm(x_t, prediction, sigma_t, sigma_s, x_var, check=False)
+
 #----------------------------------------------------------------------------

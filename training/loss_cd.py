@@ -1,7 +1,8 @@
 """Multistep consistency distillation (MSCD) of an EDM2 teacher into an S-step student.
 
 Each sample draws one teacher edge sigma_t -> sigma_s inside a student segment (s[j], s[j+1]]. The
-teacher's Heun hop and the student's own no-grad DDIM step carry x_t down to the segment boundary
+teacher's ODE hop (a Heun step; with teacher_solver, a DDIM or adjusted-DDIM step) and the student's
+own no-grad DDIM step carry x_t down to the segment boundary
 sigma_bdry = s[j+1]; the target is the prediction at sigma_t whose single DDIM step lands exactly
 there. The student's prediction D(x_t; sigma_t) is the only path for gradients. Section numbers
 (§n) refer to docs/algorithm.md; the numbers match the parity fixtures of the EDM reference.
@@ -41,6 +42,10 @@ LOSS_WEIGHTS = {
 LOSS_TYPES = ('huber', 'l2', 'l2_root', 'pseudo_huber')
 SAMPLING_MODES = ('uniform', 'vp', 'edm')
 EDM_SAMPLING_P_MEAN, EDM_SAMPLING_P_STD = -1.2, 1.2  # the log-normal of sampling_mode='edm'
+# How the teacher integrates an edge (docs/algorithm.md §8.1, §8.5), and its network evaluations per edge.
+TEACHER_SOLVERS = ('heun', 'ddim', 'addim')
+TEACHER_EVALUATIONS = dict(heun=2, ddim=1, addim=1)
+ADDIM_ETA = 0.75  # Heek et al. 2024's eta (xvar_frac) for the adjusted DDIM teacher
 
 
 def _refuse_unused(sampling_mode, **settings):
@@ -144,6 +149,9 @@ def edge_targets(edges, sigma_s, sigma_bdry):
     return sigma_s_eff, sigma_ref
 
 
+# Hyperparameters that training states of older versions lack, with the values those runs used.
+_SETTINGS_ADDED_LATER = dict(teacher_solver='heun', addim_eta=ADDIM_ETA)
+
 _INVARIANT_TOL = 1e-8
 _EDGE_CLASSES = ('terminal', 'boundary', 'general')
 
@@ -193,7 +201,7 @@ class EDMConsistencyDistillLoss:
                         device on first use); None to load it from teacher_pkl in prepare(), or to attach it later.
     teacher_pkl:        network pickle (path or URL) of the teacher; teacher_sha256, if given, pins its content.
     S:                  student steps, i.e. segments of the sigma axis.
-    T_start, T_end:     target number of teacher edges (Heun hops of 2 evaluations) at the start and end of
+    T_start, T_end:     target number of teacher edges (one teacher_solver step each) at the start and end of
                         the log-linear anneal over T_anneal_kimg thousand images (<= 0: T_end throughout).
                         The grid actually used can hold one edge more (T_eff, docs/algorithm.md §4).
     rho, sigma_min, sigma_max: Karras discretisation shared by the student and teacher grids.
@@ -205,6 +213,10 @@ class EDMConsistencyDistillLoss:
     terminal_anchor:    in vp/edm, give the terminal edge sigma_min -> 0 probability exactly 1/T_eff (None: on).
     terminal_teacher_hop: terminal target D_T(x_t; sigma_min) instead of the clean latent.
                         terminal_anchor, P_mean and P_std may be given only with the sampling modes that use them.
+    teacher_solver:     the teacher's step along an edge: 'heun' (2 evaluations), 'ddim' (Euler, 1 evaluation)
+                        or 'addim' (Heek et al.'s adjusted DDIM, 1 evaluation).
+    addim_eta:          aDDIM's eta in [0, 1], the fraction of the teacher's squared error |D_T - y|^2 that
+                        counts as posterior variance (None: ADDIM_ETA = 0.75; only with teacher_solver='addim').
     sync_dropout:       give the no-grad target pass the same dropout masks as the student's pass.
     report_stats:       report CD/... diagnostics through torch_utils.training_stats.
 
@@ -219,7 +231,7 @@ class EDMConsistencyDistillLoss:
     OPTIONS = {
         'teacher':              ('teacher_pkl', 'PKL', 'Distil this EDM2 network pickle (path or URL)'),
         'S':                    ('S', int, 'Student sampling steps'),
-        'T_start':              ('T_start', int, 'ODE edges (in CD, teacher Heun hops) of the fine grid at the start'),
+        'T_start':              ('T_start', int, 'ODE edges (in CD, teacher solver steps) of the fine grid at the start'),
         'T_end':                ('T_end', int, 'ODE edges of the fine grid at the end of the anneal'),
         'T_anneal_kimg':        ('T_anneal_kimg', float, 'Thousands of images over which T grows log-linearly'),
         'rho':                  ('rho', float, 'Karras grid exponent'),
@@ -233,14 +245,21 @@ class EDMConsistencyDistillLoss:
         'sync_dropout':         ('sync_dropout', bool, 'Same dropout masks for prediction and target'),
         'terminal_anchor':      ('terminal_anchor', bool, 'Draw the sigma_min->0 edge with probability 1/T_eff (vp, edm) [default: on]'),
         'terminal_teacher_hop': ('terminal_teacher_hop', bool, 'Terminal target is the teacher denoising at sigma_min instead of the data'),
+        'teacher_solver':       ('teacher_solver', TEACHER_SOLVERS, 'Teacher step along an edge: heun (2 evaluations), '
+                                 'ddim (1) or addim (adjusted DDIM, 1)'),
+        'addim_eta':            ('addim_eta', float, 'Share of the teacher\'s squared error that --teacher_solver=addim '
+                                 f'adds back as variance, in [0, 1] [default: {ADDIM_ETA}]'),
     }
 
     def __init__(self, teacher_net=None, teacher_pkl=None, teacher_sha256=None, S=8, T_start=256, T_end=1024,
             T_anneal_kimg=750, rho=7.0, sigma_min=0.002, sigma_max=80.0, loss_type='pseudo_huber',
             weight_mode='sqrt_karras', sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=None,
             terminal_teacher_hop=False, P_mean=None, P_std=None, huber_delta=1e-4, pseudo_huber_c=1e-4,
-            report_stats=True):
+            report_stats=True, teacher_solver='heun', addim_eta=None):
         _refuse_unused(sampling_mode, terminal_anchor=terminal_anchor, P_mean=P_mean, P_std=P_std)
+        if addim_eta is not None and teacher_solver in TEACHER_SOLVERS and teacher_solver != 'addim':
+            raise dnnlib.UserError(f'consistency distillation: addim_eta has no effect with teacher_solver={teacher_solver!r}; '
+                'only teacher_solver=\'addim\' reads it', option='addim_eta')
         self.teacher_pkl, self.teacher_sha256 = teacher_pkl, teacher_sha256
         self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), float(T_anneal_kimg)
         self.rho, self.sigma_min, self.sigma_max = float(rho), float(sigma_min), float(sigma_max)
@@ -251,6 +270,8 @@ class EDMConsistencyDistillLoss:
         self.sync_dropout = bool(sync_dropout)
         self.terminal_anchor = bool(sampling_mode != 'uniform' if terminal_anchor is None else terminal_anchor)
         self.terminal_teacher_hop = bool(terminal_teacher_hop)
+        self.teacher_solver = teacher_solver
+        self.addim_eta = float(ADDIM_ETA if addim_eta is None else addim_eta)
         self.huber_delta, self.pseudo_huber_c = float(huber_delta), float(pseudo_huber_c)
         self.report_stats = bool(report_stats)
         self._validate()
@@ -283,6 +304,9 @@ class EDMConsistencyDistillLoss:
         require(self.sampling_mode in SAMPLING_MODES, 'sampling_mode',
             f'sampling_mode must be one of {SAMPLING_MODES}, got {self.sampling_mode!r}')
         require(self.P_std > 0, 'P_std', f'P_std must be positive, got {self.P_std}')
+        require(self.teacher_solver in TEACHER_SOLVERS, 'teacher_solver',
+            f'teacher_solver must be one of {TEACHER_SOLVERS}, got {self.teacher_solver!r}')
+        require(0 <= self.addim_eta <= 1, 'addim_eta', f'addim_eta must lie in [0, 1], got {self.addim_eta}')
         require(self.huber_delta > 0, 'huber_delta', f'huber_delta must be positive, got {self.huber_delta}')
         require(self.pseudo_huber_c >= 0, 'pseudo_huber_c', f'pseudo_huber_c must be >= 0, got {self.pseudo_huber_c}')
 
@@ -290,7 +314,7 @@ class EDMConsistencyDistillLoss:
         """The settings that define the objective; a resumed run must use the same ones."""
         names = ('S', 'T_start', 'T_end', 'T_anneal_kimg', 'rho', 'sigma_min', 'sigma_max', 'loss_type',
             'weight_mode', 'sigma_data', 'sampling_mode', 'P_mean', 'P_std', 'sync_dropout', 'terminal_anchor',
-            'terminal_teacher_hop', 'huber_delta', 'pseudo_huber_c')
+            'terminal_teacher_hop', 'huber_delta', 'pseudo_huber_c', 'teacher_solver', 'addim_eta')
         return {name: getattr(self, name) for name in names}
 
     #------------------------------------------------------------------------
@@ -370,7 +394,8 @@ class EDMConsistencyDistillLoss:
 
     def load_state_dict(self, state):
         """Restore progress and edge counters; the teacher and hyperparameters stay as constructed."""
-        saved, current = state['hyperparameters'], self.hyperparameters()
+        # States written before a setting existed were made with the behaviour its default keeps.
+        saved, current = {**_SETTINGS_ADDED_LATER, **state['hyperparameters']}, self.hyperparameters()
         differing = [f'{name}: checkpoint {saved.get(name, "<missing>")!r}, now {current.get(name, "<missing>")!r}'
             for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
         if differing:
@@ -510,8 +535,14 @@ class EDMConsistencyDistillLoss:
 
     def ode_hop(self, x_t, sigma_t, sigma_s, labels, images, noise):
         """x at sigma_s on the probability-flow ODE through x_t = images + sigma_t * noise (float64 rows):
-        here one Heun step of the teacher (docs/algorithm.md §8.1)."""
-        return consistency_ops.heun_hop_edm(self._teacher_on(x_t.device), x_t, sigma_t, sigma_s, labels, check=False)
+        here one step of the teacher with teacher_solver (docs/algorithm.md §8.1, §8.5)."""
+        teacher = self._teacher_on(x_t.device)
+        if self.teacher_solver == 'ddim':
+            return consistency_ops.ddim_hop_edm(teacher, x_t, sigma_t, sigma_s, labels, check=False)
+        if self.teacher_solver == 'addim':
+            return consistency_ops.addim_hop_edm(teacher, x_t, sigma_t, sigma_s, images, self.addim_eta, labels,
+                check=False)
+        return consistency_ops.heun_hop_edm(teacher, x_t, sigma_t, sigma_s, labels, check=False)
 
     @staticmethod
     def _general_student_pass(student, x_s, sigma_s, labels, eval_mode):

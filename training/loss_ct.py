@@ -24,12 +24,15 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
     OPTIONS = {
         'init': ('init_pkl', 'PKL', 'Start from this EDM2 network pickle (path or URL) instead of random weights'),
         **{name: spec for name, spec in EDMConsistencyDistillLoss.OPTIONS.items()
-            if name not in ('teacher', 'terminal_teacher_hop')},
+            if name not in ('teacher', 'terminal_teacher_hop', 'teacher_solver', 'addim_eta')},
     }
 
     def __init__(self, init_pkl=None, init_sha256=None, **cd_kwargs):
-        for name in ('teacher_net', 'teacher_pkl', 'teacher_sha256', 'terminal_teacher_hop'):
-            if cd_kwargs.get(name):
+        # A teacher's settings are refused unless they keep their defaults (the defaults change nothing here).
+        defaults = dict(teacher_net=None, teacher_pkl=None, teacher_sha256=None, terminal_teacher_hop=False,
+            teacher_solver='heun', addim_eta=None)
+        for name, default in defaults.items():
+            if cd_kwargs.get(name, default) not in (default, None):
                 raise dnnlib.UserError(f'consistency training has no teacher, so it takes no {name}', option=name)
         super().__init__(**cd_kwargs)
         self.init_pkl, self.init_sha256 = init_pkl, init_sha256

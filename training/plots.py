@@ -142,7 +142,7 @@ def _finish(ax, title, xlabel, ylabel=None, legend=True):
         ax.legend(fontsize=8)
 
 
-def _draw_curves(panels, path, title, xlabel='kimg'):
+def draw_curves(panels, path, title, xlabel='kimg'):
     """panels: [(panel title, [(label, xs, ys)])], one axes each, written to `path`; returns the counts."""
     fig, axes = _figure(len(panels))
     counts = {}
@@ -187,7 +187,7 @@ def plot_cd(rows, path, kimg_min=None, title='consistency distillation diagnosti
             panels.append((panel, [(name[len('CD/'):], *series(rows, name, kimg_min=kimg_min)) for name in names]))
     if not panels:
         return None
-    return _draw_curves(panels, path, title)
+    return draw_curves(panels, path, title)
 
 
 def baseline_label(row):
