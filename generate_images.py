@@ -18,6 +18,7 @@ from torch_utils import misc
 from torch_utils import persistence
 from training.consistency_ops import ddim_step_edm, make_edge_grid
 from training.encoders import StandardRGBEncoder
+from training.pretrained import guided_denoise
 
 #----------------------------------------------------------------------------
 # Published EDM2 models: preset name -> (net, guiding net, guidance), file names relative to model_root.
@@ -85,10 +86,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     guide = net if gnet is None else gnet
 
     def denoise(x, sigma):
-        d_main = net(x, sigma, labels).to(dtype)
-        if guidance == 1:
-            return d_main
-        return torch.lerp(guide(x, sigma, labels).to(dtype), d_main, guidance)
+        return guided_denoise(net, guide, guidance, x, sigma, labels, dtype=dtype)
 
     sigmas = make_edge_grid(num_steps, sigma_min, sigma_max, rho).to(dtype=dtype, device=noise.device)
     x_next = noise.to(dtype) * sigmas[0]
@@ -202,10 +200,19 @@ def _pickled_network(data, what):
     return module
 
 
-def _load_networks(net, gnet, encoder, device, verbose):
-    """(net, gnet, initialised encoder, 'cd' entry or None) for generate_images()."""
+def _refuse_guidance_for_student(cd):
+    raise GenerationError(f'--gnet and --guidance are not available for consistency students: the guidance '
+        f'(W={cd.get("guidance", 1.0)}) is baked into the student during distillation, so it samples in S steps with '
+        'no guide network; for other guidance, distil with train_edm2.py --guide=PKL --guidance=W')
+
+
+def _load_networks(net, gnet, guided, encoder, device, verbose):
+    """(net, gnet, initialised encoder, 'cd' entry or None) for generate_images(); consistency students
+    refuse a guide and guidance (`guided`)."""
     data = _network_data(net, '--net', 'main network', verbose)
     data = data if data is not None else dict(ema=net)
+    if data.get('cd') is not None and (guided or gnet is not None):
+        _refuse_guidance_for_student(data['cd'])
     guide = _network_data(gnet, '--gnet', 'guiding network', verbose)
     if encoder is None:
         encoder = data.get('encoder')
@@ -286,9 +293,7 @@ def resolve_sampler(sampler_fn, cd, sampler_kwargs):
         if unusable:
             raise GenerationError(f'The "cd" entry of the network pickle has unusable values {unusable}; '
                 'S, sigma_min, sigma_max and rho must be positive numbers')
-        if kwargs.get('guidance', 1) != 1:
-            raise GenerationError(f'Guidance {kwargs["guidance"]} is not available for consistency students; use guidance 1 (no --gnet)')
-        kwargs.pop('guidance', None)
+        kwargs.pop('guidance', None)  # 1: _load_networks() refuses any other for students
         kwargs = dict(num_steps=int(cd['S']), sigma_min=cd['sigma_min'], sigma_max=cd['sigma_max'], rho=cd['rho']) | kwargs
         sampler_fn = sampler_fn or 'euler'
     sampler_fn = sampler_fn or 'heun'
@@ -322,8 +327,9 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
 
     `net` and `gnet` are network pickles (path, URL or loaded dict) or denoiser modules; gnet None
     means net. A pickle with a 'cd' entry is a consistency student and is sampled, by default, with
-    its own S-step grid. `sampler_fn` is a sampler function, a name from SAMPLERS, a dotted function
-    name, or None for Heun (edm_sampler) on EDM2 models and the consistency sampler on students.
+    its own S-step grid; any guidance is built into a student when it is distilled, so it takes
+    neither gnet nor guidance. `sampler_fn` is a sampler function, a name from SAMPLERS, a dotted
+    function name, or None for Heun (edm_sampler) on EDM2 models and the consistency sampler on students.
     `sampler_kwargs` with value None are left at the sampler's default. `encoder_batch_size` None
     keeps the encoder's own; `device` None picks CUDA when available, else the CPU.
 
@@ -331,7 +337,8 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     any of its images is decoded or written.
     """
     device = torch.device(device) if device is not None else misc.default_device()
-    net, gnet, encoder, cd = dist.node_first(_load_networks, net, gnet, encoder, device, verbose)
+    guided = sampler_kwargs.get('guidance') not in (None, 1)
+    net, gnet, encoder, cd = dist.node_first(_load_networks, net, gnet, guided, encoder, device, verbose)
     if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
         encoder.batch_size = encoder_batch_size
     sampler_fn, sampler_kwargs = resolve_sampler(sampler_fn, cd, sampler_kwargs)
@@ -446,9 +453,9 @@ def cmdline(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size
         raise click.BadParameter(f'{outdir!r} is a file; expected a folder for the images', param_hint='--outdir')
     if sampler_kwargs['guidance'] is None or sampler_kwargs['guidance'] == 1:
         sampler_kwargs['guidance'] = None
-        gnet = None
     elif gnet is None:
-        raise click.ClickException(f'--guidance={sampler_kwargs["guidance"]} needs a guiding network: pass --gnet')
+        raise click.ClickException(f'--guidance={sampler_kwargs["guidance"]} needs a guiding network: pass --gnet '
+            '(consistency students take neither: their guidance is set when they are distilled)')
 
     dist.init()
     kept = []

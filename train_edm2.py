@@ -13,6 +13,7 @@ import torch
 
 import calculate_metrics
 import dnnlib
+import generate_images
 from dnnlib.cli import FiniteFloat, ImageCount
 from torch_utils import distributed as dist
 from torch_utils import misc
@@ -189,6 +190,25 @@ def _choose_method(opts, given, preset):
     return method
 
 
+def _apply_teacher_preset(opts, given):
+    """--teacher_preset=NAME: the --teacher, --guide and --guidance of a published EDM2 configuration
+    (generate_images.py --preset); options given as well must agree with it."""
+    name = opts.get('teacher_preset')
+    if name is None:
+        return
+    chosen = generate_images.config_presets[name]
+    implied = dict(teacher=chosen.net, guide=chosen.get('gnet'), guidance=chosen.get('guidance', 1.0))
+    for option, value in implied.items():
+        if option in given and opts[option] != value:
+            raise click.BadParameter(f'--teacher_preset={name} sets --{option}={"none" if value is None else value}, '
+                f'but --{option}={opts[option]} is given too; leave out --{option} or the preset',
+                param_hint=f'--{option}')
+    for option, value in implied.items():
+        if value is not None:
+            opts[option] = value
+            given.add(option)
+
+
 def _resolve_aliases(opts, given):
     for port_name, name in PORT_ALIASES.items():
         if port_name in given:
@@ -273,6 +293,7 @@ def setup_training_config(preset='edm2-img512-s', method=None, **opts):
     given = {name for name, value in opts.items() if value is not None}
     if preset not in PRESETS:
         raise click.BadParameter(f'unknown preset {preset!r}; expected one of {", ".join(PRESETS)}', param_hint='--preset')
+    _apply_teacher_preset(opts, given)
     _resolve_aliases(opts, given)
     method = _choose_method(opts, given, preset)
     if opts.checkpoint_keep_recent is not None and opts.checkpoint == 0:
@@ -429,6 +450,10 @@ def launch_training(run_dir, c):
     callback=lambda ctx, param, text: None if text is None else [tag.strip() for tag in text.split(',') if tag.strip()])
 @click.option('--wandb_mode', help='W&B mode; offline runs upload later with wandb sync [default: $WANDB_MODE, else online]',
     type=click.Choice(['online', 'offline', 'disabled']))
+@click.option('--teacher_preset', '--teacher-preset', 'teacher_preset', metavar='NAME',
+    type=click.Choice(sorted(generate_images.config_presets)),
+    help='CD: distil a published EDM2 model of generate_images.py --preset, guided as there: sets --teacher, --guide '
+    'and --guidance (e.g. edm2-img512-s-autog-fid)')
 @method_options
 @click.option('--cd_dropout', help='Same as --dropout (the name of the MSCD port for EDM2)', metavar='FLOAT',
     type=FiniteFloat(min=0, max=1))

@@ -9,9 +9,12 @@ In one run on one network architecture and one batch, this times
 and the peak memory of both training steps. docs/benchmarks.md explains each measurement.
 
     python bench/bench_cd.py --net-size=tiny --batch=16 --S=8 --T=256 [--teacher_solver=ddim]
+        [--guidance=2 [--guide-size=tiny]]
 
 --teacher_solver picks the teacher's step along an edge (heun, ddim or addim), as the loss option of
-the same name does; the report names the one it timed.
+the same name does; the report names the one it timed. --guidance distils a guided teacher: every
+teacher evaluation also evaluates a frozen guide network, of the student's size or of --guide-size
+(with the teacher's resolution, channels and labels); the report names the guide and its size.
 """
 
 import concurrent.futures
@@ -30,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for direct runs
 
 import dnnlib
+import dnnlib.cli
 import generate_images
 from torch_utils import misc
 from torch_utils import training_stats
@@ -54,8 +58,19 @@ ADAM_KWARGS = dict(lr=1e-4, betas=(0.9, 0.99), eps=1e-8)  # EDM2's betas; the ra
 #----------------------------------------------------------------------------
 # The two training setups on identical weights and data.
 
-def build_setup(net_size, batch, S, T, dropout, fp16, device, seed, teacher_solver='heun'):
-    """Plain EDM2 network, CD teacher and student (all with the same initial weights), losses and batch."""
+def build_guide(teacher, guide_size, fp16, device, seed):
+    """A frozen guide with the architecture of `guide_size` and the teacher's interface sizes, seeded on
+    its own so that the other networks and the batch are those of an unguided setup."""
+    interface = dict(img_resolution=teacher.img_resolution, img_channels=teacher.img_channels, label_dim=teacher.label_dim)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        guide = Precond(**dict(NET_SIZES[guide_size], **interface), use_fp16=fp16)
+    return guide.eval().requires_grad_(False).to(device)
+
+
+def build_setup(net_size, batch, S, T, dropout, fp16, device, seed, teacher_solver='heun', guidance=1.0, guide_size=None):
+    """Plain EDM2 network, CD teacher and student (all with the same initial weights), losses and batch;
+    with guidance != 1 also the teacher's guide (of guide_size, default net_size)."""
     torch.manual_seed(seed)
     net_kwargs = dict(NET_SIZES[net_size], use_fp16=fp16, dropout=dropout)
     plain_net = Precond(**net_kwargs).train().requires_grad_(True).to(device)
@@ -64,14 +79,15 @@ def build_setup(net_size, batch, S, T, dropout, fp16, device, seed, teacher_solv
     student = Precond(**net_kwargs).train().requires_grad_(True).to(device)
     misc.copy_params_and_buffers(teacher, student, require_all=True)
     student.logvar_linear.requires_grad_(False)  # CD never trains the uncertainty head
+    guide = None if guidance == 1 else build_guide(teacher, guide_size or net_size, fp16, device, seed)
 
     cd_loss = loss_cd.EDMConsistencyDistillLoss(teacher, S=S, T_start=T, T_end=T, T_anneal_kimg=0,
-        teacher_solver=teacher_solver)
+        teacher_solver=teacher_solver, guide_net=guide, guidance=guidance)
     channels, resolution = plain_net.img_channels, plain_net.img_resolution
     images = torch.randn([batch, channels, resolution, resolution], device=device) * cd_loss.sigma_data
     labels = torch.eye(plain_net.label_dim, device=device)[torch.randint(plain_net.label_dim, [batch], device=device)]
     return dnnlib.EasyDict(
-        device=torch.device(device), images=images, labels=labels, teacher=teacher, cd_loss=cd_loss,
+        device=torch.device(device), images=images, labels=labels, teacher=teacher, guide=guide, cd_loss=cd_loss,
         plain_net=plain_net, plain_loss=training_loop.EDM2Loss(), plain_opt=adam(plain_net),
         student=student, student_opt=adam(student))
 
@@ -389,10 +405,17 @@ def print_report(setup, config, training, syncs, sampling, peaks):
     batch = setup.images.shape[0]
     synced_target = setup.cd_loss.sync_dropout and loss_cd._has_active_dropout(setup.student)
     target_rows = batch if synced_target else mean_counts['general']
-    # Network evaluations per sample: forward + backward ~ 3 forwards; no-grad forwards count 1.
+    # Network evaluations per sample: forward + backward ~ 3 forwards; no-grad forwards count 1. A guide
+    # of the student's size doubles the teacher's evaluations; one of another size is left out.
     solver = setup.cd_loss.teacher_solver
     teacher_evals = loss_cd.TEACHER_EVALUATIONS[solver]
-    floor = (3 * batch + teacher_evals * (batch - mean_counts['terminal']) + target_rows) / (3 * batch)
+    guide_size = None if setup.guide is None else config.guide_size or config.net_size
+    counted_evals = teacher_evals * (2 if guide_size == config.net_size else 1)
+    floor = (3 * batch + counted_evals * (batch - mean_counts['terminal']) + target_rows) / (3 * batch)
+    floor_note = '' if guide_size in (None, config.net_size) else f', not counting the {guide_size} guide'
+    plural = lambda count: 's' if count > 1 else ''
+    hop_name = ('teacher ' if setup.guide is None else 'guided teacher ') + SOLVER_NAMES[solver]
+    hop_evals = f'{teacher_evals}' if setup.guide is None else f'{teacher_evals}+{teacher_evals}'
     sampler, raw = median(sampling.sampler), median(sampling.raw)
     # Ratios come from the two sides of each rep, timed back to back, so slow drifts of the machine cancel.
     paired_ratio = lambda numerators, denominators: median(a / b for a, b in zip(numerators, denominators))
@@ -406,8 +429,11 @@ def print_report(setup, config, training, syncs, sampling, peaks):
     print(f'network {config.net_size} ({sum(p.numel() for p in setup.student.parameters()):,} parameters), '
         f'batch {batch}, S={config.S}, T={config.T} (T_eff={grids.T_eff}), dropout {config.dropout}, '
         f'mixed precision {"on" if config.fp16 and setup.device.type == "cuda" else "off"}')
-    print(f'teacher solver {solver} ({teacher_evals} teacher evaluation{"s" if teacher_evals > 1 else ""} '
-        f'per non-terminal row)')
+    print(f'teacher solver {solver} ({teacher_evals} teacher evaluation{plural(teacher_evals)} per non-terminal row)')
+    if setup.guide is not None:
+        print(f'guided teacher, guidance {setup.cd_loss.guidance:g}: guide {guide_size} '
+            f'({sum(p.numel() for p in setup.guide.parameters()):,} parameters), {teacher_evals} guide '
+            f'evaluation{plural(teacher_evals)} per non-terminal row besides the teacher\'s')
     print(f'medians of {config.reps} reps after {config.warmup} warm-up reps; '
         f'edge classes per batch (mean): ' + ', '.join(f'{k} {v:.2f}' for k, v in mean_counts.items()))
     kind = 'kernel time (CUDA)' if setup.device.type == 'cuda' else 'host wall time'
@@ -421,8 +447,7 @@ def print_report(setup, config, training, syncs, sampling, peaks):
         ('plain EDM2 step (EDM2Loss fwd + bwd + Adam)', plain, cd, plain),
         ('CD step (EDMConsistencyDistillLoss fwd + bwd + Adam)', cd, cd, plain),
     ] + [(label, seconds, profiled_cd, profiled_plain) for label, seconds in [
-        (f'  teacher {SOLVER_NAMES[solver]} hop ({teacher_evals} eval{"s" if teacher_evals > 1 else ""}, '
-            'non-terminal rows)', parts['teacher']),
+        (f'  {hop_name} hop ({hop_evals} eval{plural(teacher_evals)}, non-terminal rows)', parts['teacher']),
         ('  student forward (with grad)', parts['forward']),
         ('  student backward', parts['backward']),
         (f'  target pass (no grad, {"full batch, synced dropout" if synced_target else "general rows"})',
@@ -440,14 +465,17 @@ def print_report(setup, config, training, syncs, sampling, peaks):
     print(f'{f"{config.S} raw student evaluations":<58s} {ms(raw):10.2f}')
     print()
     mib = lambda nbytes: nbytes / 2 ** 20
+    frozen = [net for net in (setup.teacher, setup.guide) if net is not None]
     resident = dict(plain=resident_bytes(setup.plain_net, setup.plain_opt),
-        cd=resident_bytes(setup.student, setup.teacher, setup.student_opt))
+        cd=resident_bytes(setup.student, *frozen, setup.student_opt))
     print(f'{"memory (MiB)":<58s} {"plain":>10s} {"CD":>10s}')
-    print(f'{"resident: weights (+ teacher) and Adam state":<58s} {mib(resident["plain"]):10.1f} {mib(resident["cd"]):10.1f}')
+    resident_label = f'resident: weights (+ teacher{", guide" if setup.guide is not None else ""}) and Adam state'
+    print(f'{resident_label:<58s} {mib(resident["plain"]):10.1f} {mib(resident["cd"]):10.1f}')
     print(f'{"step peak above resident, " + config.memory_method:<58s} {mib(peaks["plain"]):10.1f} {mib(peaks["cd"]):10.1f}')
     print()
     print('ratios: medians over the reps of the ratio within each rep')
-    print(f'CD step / plain step          = {cd_ratio:.3f}  (target <= 2.0; network-evaluation floor for these edges {floor:.3f})')
+    print(f'CD step / plain step          = {cd_ratio:.3f}  (target <= 2.0; network-evaluation floor for these edges '
+        f'{floor:.3f}{floor_note})')
     print(f'sampler / S raw evaluations   = {sampler_ratio:.3f}  (overhead {100 * (sampler_ratio - 1):+.1f} %, target < 5 %)')
     print(f'peak step memory CD / plain   = {peaks["cd"] / max(peaks["plain"], 1):.3f}')
 
@@ -466,7 +494,11 @@ def print_report(setup, config, training, syncs, sampling, peaks):
 @click.option('--seed', help='Seed of weights, batch and the per-step reseed', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--teacher_solver', '--teacher-solver', 'teacher_solver', help='Teacher step along an edge (the CD loss option)',
     type=click.Choice(loss_cd.TEACHER_SOLVERS), default='heun', show_default=True)
-def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed, teacher_solver):
+@click.option('--guidance', help='Guidance weight of the teacher (the CD loss option); 1 = no guide', metavar='FLOAT',
+    type=dnnlib.cli.FiniteFloat(), default=1.0, show_default=True)
+@click.option('--guide-size', 'guide_size', help='Architecture of the guide, with the teacher\'s resolution and labels '
+    '[default: --net-size]', type=click.Choice(list(NET_SIZES)))
+def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed, teacher_solver, guidance, guide_size):
     """Time a CD training step against a plain EDM2 training step, and S-step sampling against S evaluations."""
     device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -476,13 +508,16 @@ def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed, teache
     if T < S:
         raise click.BadParameter(f'the teacher grid needs at least one edge per student step: T >= S = {S}, got {T}',
             param_hint='--T')
+    if guide_size is not None and guidance == 1:
+        raise click.BadParameter('a guide has no effect with --guidance=1 (the unguided teacher); give --guidance too',
+            param_hint='--guide-size')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
     build_kwargs = dict(net_size=net_size, batch=batch, S=S, T=T, dropout=dropout, fp16=fp16, device=device, seed=seed,
-        teacher_solver=teacher_solver)
+        teacher_solver=teacher_solver, guidance=guidance, guide_size=guide_size)
     config = dnnlib.EasyDict(build_kwargs, reps=reps, warmup=warmup, load_before=load_average())
     if device.type == 'cpu':
         # Before this process builds its own copy, so that only one copy of the networks is in memory.

@@ -451,3 +451,55 @@ def distribution_report(points, truth):
     return dict(sliced_w1=sw, energy=energy_distance(points, truth), nearest_mode=nearest, on_mode=on_mode)
 
 #----------------------------------------------------------------------------
+# The class-labelled mixture of the guidance tests (test_guidance.py): class 0 holds modes 0 and 1, class 1
+# modes 2 and 3, so the mixture above is the class marginal, MixtureDenoiser its exact unconditional denoiser
+# and ClassGated(ModeSubsetDenoiser) the exact class-conditional one.
+
+CLASS_MODES = [[0, 1], [2, 3]]
+
+
+class ModeSubsetDenoiser(MixtureDenoiser):
+    """The exact denoiser of the mixture restricted to the modes `modes` (the softmax renormalises their weights)."""
+
+    def __init__(self, modes):
+        super().__init__()
+        self.means, self.log_weights = self.means[modes], self.log_weights[modes]
+
+
+class ClassGated(torch.nn.Module):
+    """A class-conditional denoiser made of one denoiser per class: row i is nets[k](x_i; sigma_i) for its
+    one-hot label k (the label times each class's output, summed, so one-hot labels select exactly)."""
+
+    def __init__(self, nets):
+        super().__init__()
+        self.nets = torch.nn.ModuleList(nets)
+
+    def forward(self, x, sigma, class_labels):
+        gates = class_labels.to(x.dtype).T.reshape(len(self.nets), -1, *[1] * (x.ndim - 1))
+        return sum(gate * net(x, sigma) for gate, net in zip(gates, self.nets))
+
+
+def sample_labelled_mixture(num, generator):
+    """(points as images, one-hot class labels [N, 2]) of the mixture; classes by CLASS_MODES."""
+    means, weights = torch.tensor(MODE_MEANS), torch.tensor(MODE_WEIGHTS)
+    modes = torch.multinomial(weights, num, replacement=True, generator=generator)
+    class_of_mode = torch.tensor([k for k, members in enumerate(CLASS_MODES) for _ in members])
+    labels = torch.nn.functional.one_hot(class_of_mode[modes], len(CLASS_MODES)).to(torch.float32)
+    return as_images(means[modes] + MODE_STD * torch.randn(num, 2, generator=generator)), labels
+
+
+def distil_labelled(student, loss_fn, steps, batch_size, lr, generator):
+    """distil() on the labelled mixture: the loss (and through it teacher, guide and student) sees the labels."""
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    history = []
+    for step in range(steps):
+        loss_fn.set_progress(step * batch_size)
+        images, labels = sample_labelled_mixture(batch_size, generator)
+        loss = loss_fn(student, images, labels).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    return history
+
+#----------------------------------------------------------------------------

@@ -49,6 +49,45 @@ def test_bench_times_the_ddim_teacher():
     assert 1 <= floor <= 1 + 2 / 3 + 1e-9
 
 
+@pytest.mark.slow
+def test_bench_times_a_guided_teacher():
+    out = run_bench(*SMALLEST, '--guidance=2').stdout
+    assert ('guided teacher, guidance 2: guide tiny (723,691 parameters), 2 guide evaluations per non-terminal row '
+        "besides the teacher's") in out
+    assert re.search(r'^\s+guided teacher Heun hop \(2\+2 evals, non-terminal rows\)\s+\d+\.\d\d\s', out, re.MULTILINE), out
+    assert re.search(r'^resident: weights \(\+ teacher, guide\) and Adam state\s', out, re.MULTILINE), out
+    # A guide of the student's size counts like the teacher: (3 * batch + 4 * non-terminal + general rows) / (3 * batch).
+    floor = float(re.search(r'network-evaluation floor for these edges (\d+\.\d+)\)', out).group(1))
+    counts = {name: float(value) for name, value in re.findall(r'(terminal|general) (\d+\.\d+)', out)}
+    assert floor == pytest.approx((6 + 4 * (2 - counts['terminal']) + counts['general']) / 6, abs=1e-3)
+
+
+def test_guided_setup(single_thread):
+    kwargs = dict(batch=3, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=1)
+    guided = bench_cd.build_setup('tiny', guidance=2.0, guide_size='small', **kwargs)
+    plain = bench_cd.build_setup('tiny', **kwargs)
+    # The guide has the architecture of its size and the teacher's interface; the rest is the unguided setup.
+    small = bench_cd.NET_SIZES['small']
+    assert (guided.guide.img_resolution, guided.guide.label_dim) == (16, 10)
+    assert guided.guide.init_kwargs.model_channels == small['model_channels']
+    assert guided.guide.init_kwargs.channel_mult == small['channel_mult']
+    assert not guided.guide.training and not any(param.requires_grad for param in guided.guide.parameters())
+    assert plain.guide is None and plain.cd_loss.guidance == 1 and guided.cd_loss.guide_net is guided.guide
+    assert torch.equal(guided.images, plain.images) and torch.equal(guided.labels, plain.labels)
+    for a, b in zip(guided.teacher.parameters(), plain.teacher.parameters()):
+        assert torch.equal(a, b)
+    # The timed loss evaluates the guide.
+    calls = []
+    guided.guide.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    bench_cd.cd_step(guided, seed=3, cur_nimg=0)
+    assert len(calls) == 2 and calls[0] == 3 - guided.cd_loss.edge_counts.terminal
+
+
+def test_bench_rejects_a_guide_size_without_guidance():
+    result = run_bench('--guide-size=tiny', check=False)
+    assert result.returncode != 0 and '--guide-size' in result.stderr and 'give --guidance too' in result.stderr
+
+
 def test_bench_rejects_fewer_teacher_edges_than_student_steps():
     result = run_bench('--S=8', '--T=4', check=False)
     assert result.returncode != 0

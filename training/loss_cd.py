@@ -4,11 +4,14 @@ Each sample draws one teacher edge sigma_t -> sigma_s inside a student segment (
 teacher's ODE hop (a Heun step; with teacher_solver, a DDIM or adjusted-DDIM step) and the student's
 own no-grad DDIM step carry x_t down to the segment boundary
 sigma_bdry = s[j+1]; the target is the prediction at sigma_t whose single DDIM step lands exactly
-there. The student's prediction D(x_t; sigma_t) is the only path for gradients. Section numbers
-(§n) refer to docs/algorithm.md; the numbers match the parity fixtures of the EDM reference.
+there. The student's prediction D(x_t; sigma_t) is the only path for gradients. With a guide network
+the teacher's ODE is that of the guided denoiser lerp(D_guide, D_teacher, guidance), so the student
+learns guided sampling. Section numbers (§n) refer to docs/algorithm.md; the numbers match the parity
+fixtures of the EDM reference.
 """
 
 import contextlib
+import math
 
 import torch
 
@@ -56,6 +59,22 @@ def _refuse_unused(sampling_mode, **settings):
             raise dnnlib.UserError(f'consistency distillation: {name} has no effect with sampling_mode={sampling_mode!r}'
                 + (' (the terminal edge is drawn with probability 1/S there)' if name == 'terminal_anchor' else
                 '; only sampling_mode=\'edm\' draws log-normal noise levels'), option=name)
+
+
+def _check_guidance(guidance, guided):
+    """Guidance needs a guide network, and a guide needs guidance != 1 to make a difference."""
+    if not math.isfinite(guidance):
+        raise dnnlib.UserError(f'consistency distillation: guidance must be finite, got {guidance}', option='guidance')
+    if guidance != 1 and not guided:
+        raise dnnlib.UserError(f'consistency distillation: guidance={guidance:g} needs a guide network for the teacher '
+            '(--guide=PKL)', option='guidance')
+    if guidance == 1 and guided:
+        raise dnnlib.UserError('consistency distillation: a guide has no effect with guidance=1, which is the unguided '
+            'teacher; give the guidance weight (--guidance=W, W != 1) or leave out the guide', option='guide_pkl')
+
+
+def _frozen(net):
+    return net.eval().requires_grad_(False)
 
 
 def loss_weight(sigma, weight_mode, sigma_data=0.5):
@@ -150,7 +169,7 @@ def edge_targets(edges, sigma_s, sigma_bdry):
 
 
 # Hyperparameters that training states of older versions lack, with the values those runs used.
-_SETTINGS_ADDED_LATER = dict(teacher_solver='heun', addim_eta=ADDIM_ETA)
+_SETTINGS_ADDED_LATER = dict(teacher_solver='heun', addim_eta=ADDIM_ETA, guidance=1.0)
 
 _INVARIANT_TOL = 1e-8
 _EDGE_CLASSES = ('terminal', 'boundary', 'general')
@@ -217,14 +236,19 @@ class EDMConsistencyDistillLoss:
                         or 'addim' (Heek et al.'s adjusted DDIM, 1 evaluation).
     addim_eta:          aDDIM's eta in [0, 1], the fraction of the teacher's squared error |D_T - y|^2 that
                         counts as posterior variance (None: ADDIM_ETA = 0.75; only with teacher_solver='addim').
+    guide_net, guide_pkl, guide_sha256: the frozen guide network D_g of the teacher (e.g. its unconditional
+                        or a smaller, less trained version), like teacher_net, teacher_pkl and teacher_sha256.
+    guidance:           the guidance weight w: every teacher evaluation is lerp(D_g, D_T, w) (pretrained.
+                        GuidedDenoiser, docs/algorithm.md §8.6); 1 is the unguided teacher and takes no guide.
     sync_dropout:       give the no-grad target pass the same dropout masks as the student's pass.
     report_stats:       report CD/... diagnostics through torch_utils.training_stats.
 
-    As a training method (training/training_loop.py): prepare() loads and checks the teacher,
-    init_network() copies it into the student and freezes the uncertainty head, set_progress() drives
-    the anneal, snapshot_entries() gives student snapshots their 'cd' entry (and no loss object).
-    Pickling drops the teacher and the grid caches; call attach_teacher() afterwards. For resuming,
-    state_dict()/load_state_dict() carry only runtime state and refuse different hyperparameters.
+    As a training method (training/training_loop.py): prepare() loads and checks the teacher (and the
+    guide), init_network() copies the teacher into the student and freezes the uncertainty head,
+    set_progress() drives the anneal, snapshot_entries() gives student snapshots their 'cd' entry (and
+    no loss object). Pickling drops the teacher, the guide and the grid caches; call attach_teacher()
+    afterwards. For resuming, state_dict()/load_state_dict() carry only runtime state and refuse
+    different hyperparameters.
     """
 
     # Command-line options of --method=cd: option -> (constructor argument, type or choices, help).
@@ -249,18 +273,25 @@ class EDMConsistencyDistillLoss:
                                  'ddim (1) or addim (adjusted DDIM, 1)'),
         'addim_eta':            ('addim_eta', float, 'Share of the teacher\'s squared error that --teacher_solver=addim '
                                  f'adds back as variance, in [0, 1] [default: {ADDIM_ETA}]'),
+        'guide':                ('guide_pkl', 'PKL', 'Guide the teacher with this EDM2 network pickle (path or URL), e.g. '
+                                 'its unconditional or a smaller, less trained version'),
+        'guidance':             ('guidance', float, 'Guidance weight W of the teacher, D = guide + W (teacher - guide); '
+                                 '1 = unguided'),
     }
 
     def __init__(self, teacher_net=None, teacher_pkl=None, teacher_sha256=None, S=8, T_start=256, T_end=1024,
             T_anneal_kimg=750, rho=7.0, sigma_min=0.002, sigma_max=80.0, loss_type='pseudo_huber',
             weight_mode='sqrt_karras', sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=None,
             terminal_teacher_hop=False, P_mean=None, P_std=None, huber_delta=1e-4, pseudo_huber_c=1e-4,
-            report_stats=True, teacher_solver='heun', addim_eta=None):
+            report_stats=True, teacher_solver='heun', addim_eta=None, guide_net=None, guide_pkl=None, guide_sha256=None,
+            guidance=1.0):
         _refuse_unused(sampling_mode, terminal_anchor=terminal_anchor, P_mean=P_mean, P_std=P_std)
+        _check_guidance(float(guidance), guided=guide_net is not None or guide_pkl is not None)
         if addim_eta is not None and teacher_solver in TEACHER_SOLVERS and teacher_solver != 'addim':
             raise dnnlib.UserError(f'consistency distillation: addim_eta has no effect with teacher_solver={teacher_solver!r}; '
                 'only teacher_solver=\'addim\' reads it', option='addim_eta')
         self.teacher_pkl, self.teacher_sha256 = teacher_pkl, teacher_sha256
+        self.guide_pkl, self.guide_sha256, self.guidance = guide_pkl, guide_sha256, float(guidance)
         self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), float(T_anneal_kimg)
         self.rho, self.sigma_min, self.sigma_max = float(rho), float(sigma_min), float(sigma_max)
         self.loss_type, self.weight_mode, self.sigma_data = loss_type, weight_mode, float(sigma_data)
@@ -279,6 +310,7 @@ class EDMConsistencyDistillLoss:
         self.progress_kimg = 0.0
         self.edge_counts = dnnlib.EasyDict({name: 0 for name in (*_EDGE_CLASSES, 'total')})
         self.teacher_net = None
+        self.guide_net = None if guide_net is None else _frozen(guide_net)
         self._encoder = None        # the run's, for sampling the teacher as a validation baseline
         self._grid_cache = dict()   # (T, S, sigma_min, sigma_max, rho) -> float64 CPU grids
         self._device_grids = None   # (key, device, grids) of the last call
@@ -314,28 +346,30 @@ class EDMConsistencyDistillLoss:
         """The settings that define the objective; a resumed run must use the same ones."""
         names = ('S', 'T_start', 'T_end', 'T_anneal_kimg', 'rho', 'sigma_min', 'sigma_max', 'loss_type',
             'weight_mode', 'sigma_data', 'sampling_mode', 'P_mean', 'P_std', 'sync_dropout', 'terminal_anchor',
-            'terminal_teacher_hop', 'huber_delta', 'pseudo_huber_c', 'teacher_solver', 'addim_eta')
+            'terminal_teacher_hop', 'huber_delta', 'pseudo_huber_c', 'teacher_solver', 'addim_eta', 'guidance')
         return {name: getattr(self, name) for name in names}
 
     #------------------------------------------------------------------------
     # Teacher, pickling and checkpoints.
 
-    def attach_teacher(self, teacher_net):
-        """Use `teacher_net` as the frozen teacher (e.g. after unpickling the loss, which drops it)."""
-        self.teacher_net = teacher_net.eval().requires_grad_(False)
+    def attach_teacher(self, teacher_net, guide_net=None):
+        """Use `teacher_net` as the frozen teacher and, if given, `guide_net` as its frozen guide (e.g. after
+        unpickling the loss, which drops both)."""
+        self.teacher_net = _frozen(teacher_net)
+        if guide_net is not None:
+            self.guide_net = _frozen(guide_net)
         return self
 
     #------------------------------------------------------------------------
     # The training-method hooks (training/training_loop.py).
 
     def prepare(self, encoder, latent_shape, label_dim, device):
-        """Load the teacher from teacher_pkl (unless attached), check its content and its fit to the data."""
+        """Load the teacher from teacher_pkl and the guide from guide_pkl (unless attached), check their
+        content and their fit to the data."""
         self._encoder = encoder
         if self.teacher_pkl is not None:
-            teacher = pretrained.load(self.teacher_pkl, option='--teacher', argument='teacher_pkl')
-            if self.teacher_sha256 is not None and teacher.sha256 != self.teacher_sha256:
-                raise dnnlib.UserError(f'--teacher: {self.teacher_pkl} is not the file this run distils: its SHA-256 is '
-                    f'{teacher.sha256}, the run was started with {self.teacher_sha256}', option='teacher_sha256')
+            teacher = pretrained.load_pinned(self.teacher_pkl, self.teacher_sha256, '--teacher', 'teacher_pkl',
+                'teacher_sha256', 'distils')
             self.teacher_sha256 = teacher.sha256
             pretrained.check_against_data(teacher.net, teacher.encoder, encoder, latent_shape, label_dim,
                 argument='teacher_pkl')
@@ -345,11 +379,32 @@ class EDMConsistencyDistillLoss:
                 option='teacher_pkl')
         else:
             pretrained.check_against_data(self.teacher_net, None, encoder, latent_shape, label_dim)
-        self.teacher_net.to(device)
+        if self.guide_pkl is not None:
+            guide = pretrained.load_pinned(self.guide_pkl, self.guide_sha256, '--guide', 'guide_pkl', 'guide_sha256',
+                'guides its teacher with')
+            self.guide_sha256 = guide.sha256
+            self._check_guide(guide.net, guide.encoder, encoder, latent_shape, label_dim)
+            self.guide_net = _frozen(guide.net)
+        elif self.guide_net is not None:
+            self._check_guide(self.guide_net, None, encoder, latent_shape, label_dim)
+        for net in (self.teacher_net, self.guide_net):
+            if net is not None:
+                net.to(device)
+
+    @staticmethod
+    def _check_guide(guide, guide_encoder, encoder, latent_shape, label_dim):
+        """The guide must fit the data as the teacher does, but may be unconditional (label_dim 0, as for CFG)."""
+        pretrained.check_against_data(guide, guide_encoder, encoder, latent_shape, label_dim if guide.label_dim else None,
+            role='guide', option='--guide', argument='guide_pkl')
 
     def pinned_kwargs(self):
-        """Constructor arguments that make a later run use exactly this teacher file."""
-        return dict(teacher_sha256=self.teacher_sha256) if self.teacher_pkl is not None else {}
+        """Constructor arguments that make a later run use exactly this teacher file (and guide file)."""
+        pins = {}
+        if self.teacher_pkl is not None:
+            pins.update(teacher_sha256=self.teacher_sha256)
+        if self.guide_pkl is not None:
+            pins.update(guide_sha256=self.guide_sha256)
+        return pins
 
     def architecture(self):
         """The student's architecture: the teacher's."""
@@ -365,9 +420,10 @@ class EDMConsistencyDistillLoss:
         self.progress_kimg = cur_nimg / 1e3
 
     def validation_baselines(self, heun=True):
-        """What validation compares the student with, once per run: the teacher sampled with Euler on the
-        student's S-step grid and, with `heun`, with EDM2's Heun sampler (its default 32 steps)."""
-        return self._baselines('teacher', self._teacher(), heun)
+        """What validation compares the student with, once per run: the teacher (guided, with a guide)
+        sampled with Euler on the student's S-step grid and, with `heun`, with EDM2's Heun sampler (its
+        default 32 steps)."""
+        return self._baselines('teacher', self._denoiser(), heun)
 
     def _baselines(self, network, net, heun):
         data = dict(ema=net, encoder=self._encoder)
@@ -381,11 +437,13 @@ class EDMConsistencyDistillLoss:
         """The 'cd' entry of student snapshots: what generate_images.py needs to sample in S steps."""
         return dict(cd=dnnlib.EasyDict(S=self.S, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
             student_sigmas=self.student_sigmas().tolist(), teacher=str(self.teacher_pkl),
+            guide=None if self.guide_pkl is None else str(self.guide_pkl), guidance=self.guidance,
             loss_kwargs=self.hyperparameters()))
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(teacher_net=None, _encoder=None, _grid_cache=dict(), _device_grids=None, _student_grid=None)
+        state.update(teacher_net=None, guide_net=None, _encoder=None, _grid_cache=dict(), _device_grids=None,
+            _student_grid=None)
         return state
 
     def state_dict(self):
@@ -405,19 +463,31 @@ class EDMConsistencyDistillLoss:
         self.edge_counts = dnnlib.EasyDict(state['edge_counts'])
 
     def _teacher(self):
-        if self.teacher_net is None:
-            raise RuntimeError('EDMConsistencyDistillLoss has no teacher (pickling drops it); '
-                'call prepare() or attach_teacher(teacher_net) first')
-        if self.teacher_net.training:
-            raise RuntimeError('The consistency-distillation teacher must stay in eval mode: a training-mode '
+        return self._check_frozen(self.teacher_net, 'teacher', 'attach_teacher(teacher_net)')
+
+    @staticmethod
+    def _check_frozen(net, role, attach):
+        if net is None:
+            raise RuntimeError(f'EDMConsistencyDistillLoss has no {role} (pickling drops it); '
+                f'call prepare() or {attach} first')
+        if net.training:
+            raise RuntimeError(f'The consistency-distillation {role} must stay in eval mode: a training-mode '
                 'forward of an EDM2 network rewrites its weights')
-        return self.teacher_net
+        return net
+
+    def _denoiser(self):
+        """The denoiser whose ODE the teacher solves: the teacher, or with guidance the guided teacher (§8.6)."""
+        if self.guidance == 1:
+            return self._teacher()
+        guide = self._check_frozen(self.guide_net, 'guide', 'attach_teacher(teacher_net, guide_net)')
+        return pretrained.GuidedDenoiser(self._teacher(), guide, self.guidance)
 
     def _teacher_on(self, device):
-        teacher = self._teacher()
-        if _module_device(teacher, device) != device:
-            teacher.to(device)
-        return teacher
+        """_denoiser() with its networks on `device`."""
+        for net in (self._teacher(), self.guide_net):
+            if net is not None and _module_device(net, device) != device:
+                net.to(device)
+        return self._denoiser()
 
     #------------------------------------------------------------------------
     # Annealing and grids (docs/algorithm.md §4, §10).
@@ -535,7 +605,7 @@ class EDMConsistencyDistillLoss:
 
     def ode_hop(self, x_t, sigma_t, sigma_s, labels, images, noise):
         """x at sigma_s on the probability-flow ODE through x_t = images + sigma_t * noise (float64 rows):
-        here one step of the teacher with teacher_solver (docs/algorithm.md §8.1, §8.5)."""
+        here one step of the teacher (guided, with a guide) with teacher_solver (docs/algorithm.md §8.1, §8.5, §8.6)."""
         teacher = self._teacher_on(x_t.device)
         if self.teacher_solver == 'ddim':
             return consistency_ops.ddim_hop_edm(teacher, x_t, sigma_t, sigma_s, labels, check=False)

@@ -24,13 +24,13 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
     OPTIONS = {
         'init': ('init_pkl', 'PKL', 'Start from this EDM2 network pickle (path or URL) instead of random weights'),
         **{name: spec for name, spec in EDMConsistencyDistillLoss.OPTIONS.items()
-            if name not in ('teacher', 'terminal_teacher_hop', 'teacher_solver', 'addim_eta')},
+            if name not in ('teacher', 'terminal_teacher_hop', 'teacher_solver', 'addim_eta', 'guide', 'guidance')},
     }
 
     def __init__(self, init_pkl=None, init_sha256=None, **cd_kwargs):
         # A teacher's settings are refused unless they keep their defaults (the defaults change nothing here).
         defaults = dict(teacher_net=None, teacher_pkl=None, teacher_sha256=None, terminal_teacher_hop=False,
-            teacher_solver='heun', addim_eta=None)
+            teacher_solver='heun', addim_eta=None, guide_net=None, guide_pkl=None, guide_sha256=None, guidance=1.0)
         for name, default in defaults.items():
             if cd_kwargs.get(name, default) not in (default, None):
                 raise dnnlib.UserError(f'consistency training has no teacher, so it takes no {name}', option=name)
@@ -46,10 +46,7 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
         self._encoder = encoder
         if self.init_pkl is None:
             return
-        init = pretrained.load(self.init_pkl, option='--init', argument='init_pkl')
-        if self.init_sha256 is not None and init.sha256 != self.init_sha256:
-            raise dnnlib.UserError(f'--init: {self.init_pkl} is not the file this run started from: its SHA-256 is '
-                f'{init.sha256}, the run was started with {self.init_sha256}', option='init_sha256')
+        init = pretrained.load_pinned(self.init_pkl, self.init_sha256, '--init', 'init_pkl', 'init_sha256', 'started from')
         self.init_sha256 = init.sha256
         pretrained.check_against_data(init.net, init.encoder, encoder, latent_shape, label_dim,
             role='starting network', option='--init', argument='init_pkl')

@@ -55,6 +55,16 @@ def load(source, option='--teacher', argument=None):
         raise
 
 
+def load_pinned(source, sha256, option, argument, sha256_argument, purpose):
+    """load(), refusing a file whose SHA-256 is not `sha256` (None: any file) with a message that says
+    what the run uses it for (`purpose`, e.g. 'distils')."""
+    loaded = load(source, option=option, argument=argument)
+    if sha256 is not None and loaded.sha256 != sha256:
+        raise PretrainedError(f'{option}: {source} is not the file this run {purpose}: its SHA-256 is '
+            f'{loaded.sha256}, the run was started with {sha256}', option=sha256_argument)
+    return loaded
+
+
 def network_kwargs(net, role='teacher'):
     """Constructor keywords that rebuild `net`'s architecture as our Precond (without the interface
     sizes, which the training loop derives from the data)."""
@@ -125,5 +135,33 @@ def freeze_parameters(net, prefixes):
             raise ValueError(f'no parameter name of {type(net).__name__} starts with {prefix!r}')
         for param in matched:
             param.requires_grad_(False)
+
+#----------------------------------------------------------------------------
+# Guidance (docs/algorithm.md §8.6).
+
+def guided_denoise(net, gnet, guidance, x, sigma, class_labels=None, dtype=torch.float32):
+    """The guided denoiser D_w = D_g + w (D - D_g) = lerp(D_g, D, w) of network `net` (D) and guide
+    `gnet` (D_g), both outputs cast to `dtype`: classifier-free guidance (Ho & Salimans 2022) with an
+    unconditional guide, autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version
+    of itself") with a smaller or less trained one. With w = 1 it is D, and the guide is not evaluated."""
+    denoised = net(x, sigma, class_labels).to(dtype)
+    if guidance == 1:
+        return denoised
+    return torch.lerp(gnet(x, sigma, class_labels).to(dtype), denoised, guidance)
+
+
+class GuidedDenoiser(torch.nn.Module):
+    """guided_denoise() of two frozen networks as one float32 denoiser module D_w(x; sigma, class_labels),
+    with the interface sizes (img_resolution, img_channels, label_dim) of the main network `net`, so that
+    it samples like `net` (None where `net` has no such attribute)."""
+
+    def __init__(self, net, gnet, guidance):
+        super().__init__()
+        self.net, self.gnet, self.guidance = net, gnet, float(guidance)
+        self.img_resolution, self.img_channels, self.label_dim = (getattr(net, name, None)
+            for name in ('img_resolution', 'img_channels', 'label_dim'))
+
+    def forward(self, x, sigma, class_labels=None):
+        return guided_denoise(self.net, self.gnet, self.guidance, x, sigma, class_labels)
 
 #----------------------------------------------------------------------------
