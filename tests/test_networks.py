@@ -500,3 +500,28 @@ def test_pickle_round_trip_reproduces_outputs():
     with nets.suppress_inplace_weight_norm(loaded):
         loaded(x + 1, sigma, labels)
     assert all(torch.equal(weights[k], v) for k, v in loaded.state_dict().items())
+
+
+def test_frozen_layers_reuse_normalised_weights_and_notice_changes():
+    net = make_net()
+    x, sigma, labels = make_inputs()
+    expected = net(x, sigma, labels)  # eval mode but trainable: normalises on every call, keeps nothing
+    assert not any(layer in nets._frozen_weights for layer in mpconvs(net))
+    net.requires_grad_(False)
+    assert torch.equal(net(x, sigma, labels), expected)
+    used = [layer for layer in mpconvs(net) if layer is not net.logvar_linear]  # the uncertainty head is not run
+    assert used and all(layer in nets._frozen_weights for layer in used)
+    with torch.inference_mode():
+        assert torch.equal(net(x, sigma, labels), expected)
+    # The kept weights are ordinary tensors: a gradient can flow through the frozen network to its input.
+    x_grad = x.clone().requires_grad_(True)
+    net(x_grad, sigma, labels).square().sum().backward()
+    assert x_grad.grad is not None and torch.isfinite(x_grad.grad).all()
+
+    # An in-place change of a weight (e.g. loading other weights) is noticed.
+    other = make_net(seed=5)
+    net.load_state_dict(other.state_dict())  # copies in place, into the same tensors
+    assert torch.equal(net(x, sigma, labels), other(x, sigma, labels))
+    # Neither pickles nor copies carry the kept weights.
+    assert len(pickle.dumps(net)) == len(pickle.dumps(other.requires_grad_(False)))
+    assert not any(layer in nets._frozen_weights for layer in mpconvs(copy.deepcopy(net)))

@@ -6,6 +6,7 @@ dicts load here with strict=True and give the same outputs.
 """
 
 import contextlib
+import weakref
 
 import numpy as np
 import torch
@@ -99,10 +100,27 @@ class MPConv(torch.nn.Module):
             with torch.no_grad():
                 self.weight.copy_(normalize(w))
         fan_in = w[0].numel()
-        w = (normalize(w) * (gain / np.sqrt(fan_in))).to(x.dtype)
+        w = (self._normalized(w) * (gain / np.sqrt(fan_in))).to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return torch.nn.functional.conv2d(x, w, padding=w.shape[-1] // 2)
+
+    def _normalized(self, w):
+        """normalize(w), kept for frozen layers (eval mode, no gradient: a teacher or guide), which would
+        otherwise renormalise the same weights on every call. The key notices in-place and device changes."""
+        if self.training or self.weight.requires_grad:
+            return normalize(w)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, w.dtype)
+        cached = _frozen_weights.get(self)
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode too
+                cached = (key, normalize(w))
+            _frozen_weights[self] = cached
+        return cached[1]
+
+
+# normalize() of frozen MPConv weights, per layer; outside the modules so that pickles and copies never hold it.
+_frozen_weights = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
