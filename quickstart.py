@@ -29,6 +29,7 @@ import dnnlib
 import generate_images
 from torch_utils import distributed as dist
 from torch_utils import persistence
+import train_edm2
 from train_edm2 import ImageCount
 from training import digit_features, plots
 from training.dataset import ImageFolderDataset
@@ -41,11 +42,11 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 # quality-vs-steps.png shows: the teacher with Euler and with Heun, and the student besides its own S.
 
 CONFIGS = {
-    'full': dnnlib.EasyDict(max_images=None, teacher_duration='32Ki', student_duration='8Ki', status='2Ki',
-        T_start=16, T_end=64, T_anneal_kimg=4, classifier_epochs=10, batch=128,
+    'full': dnnlib.EasyDict(max_images=None, teacher_duration='32Ki', student_duration='16Ki', status='2Ki',
+        cd_options=[], classifier_epochs=10, batch=128,
         euler_steps=[1, 2, 4, 8, 16], heun_steps=[2, 4, 8, 16, 32], student_steps=[1, 2, 8]),
     'quick': dnnlib.EasyDict(max_images=200, teacher_duration='1Ki', student_duration='1Ki', status='1Ki',
-        T_start=8, T_end=8, T_anneal_kimg=0, classifier_epochs=5, batch=128,
+        cd_options=['--T_start=8', '--T_end=8', '--T_anneal_kimg=0'], classifier_epochs=5, batch=128,
         euler_steps=[1], heun_steps=[2], student_steps=[1]),
 }
 EMA_STD = '0.100'   # the post-hoc EMA profile taken from both training runs (and validated)
@@ -170,6 +171,12 @@ def compute_reference(paths, images, batch_size):
     calculate_metrics.save_stats(stats, paths.refs)
 
 
+def first_teacher_edges(c):
+    """The student's T_start: the configuration's own, else the cd-tiny-img16 preset's."""
+    given = [option.split('=', 1)[1] for option in c.cd_options if option.startswith('--T_start=')]
+    return int(given[-1]) if given else train_edm2.PRESETS['cd-tiny-img16']['T_start']
+
+
 def train_models(paths, c, S, seed, num_val, timings):
     """Teacher (plain EDM2 training), then the S-step student distilled from it (CD mode), both validated on
     FD_digits at their final snapshot (the only one they write)."""
@@ -181,9 +188,9 @@ def train_models(paths, c, S, seed, num_val, timings):
         f'--checkpoint={c.teacher_duration}', *validation))
     run_stage(timings, f'student (S={S})', paths.student, lambda: run_script('train_edm2.py',
         f'--outdir={paths.student_dir}', *common, '--preset=cd-tiny-img16', f'--teacher={paths.teacher}', f'--S={S}',
-        f'--T_start={c.T_start}', f'--T_end={c.T_end}', f'--T_anneal_kimg={c.T_anneal_kimg}',
+        *c.cd_options,
         f'--duration={c.student_duration}', f'--snapshot={c.student_duration}', f'--checkpoint={c.student_duration}',
-        *validation))
+        *validation, '--no_val_heun'))  # the teacher run has measured the teacher with Heun already
 
 #----------------------------------------------------------------------------
 # Validation rows and sampled points.
@@ -287,21 +294,23 @@ def sample_all(paths, c, S, num_images, timings):
 
 
 def attach_validation(points, paths, S):
-    """Give the points that validation measured its FD_digits value (the one the figure and table show)."""
+    """Give the points that validation measured their FD_digits value (the one the figure and table show): the
+    teacher's Heun row of the teacher run (its own final snapshot), the teacher's Euler baseline and the
+    student's final snapshot of the student run."""
     student_rows, teacher_rows = read_validation(paths.student_dir), read_validation(paths.teacher_dir)
-    where = f'{paths.student_dir}/'
-    measured = {('teacher', 'euler', S): validation_row(student_rows, 'teacher', 'euler', S, where=where),
-                ('teacher', 'heun', HEUN_STEPS): validation_row(student_rows, 'teacher', 'heun', HEUN_STEPS, where=where),
-                ('student', 'euler', S): validation_row(student_rows, 'trained', 'euler', S,
-                    snapshot=os.path.basename(paths.student), where=where)}
+    measured = {
+        ('teacher', 'heun', HEUN_STEPS): (paths.teacher_dir, validation_row(teacher_rows, 'trained', 'heun', HEUN_STEPS,
+            snapshot=os.path.basename(paths.teacher), where=f'{paths.teacher_dir}/')),
+        ('teacher', 'euler', S): (paths.student_dir, validation_row(student_rows, 'teacher', 'euler', S,
+            where=f'{paths.student_dir}/')),
+        ('student', 'euler', S): (paths.student_dir, validation_row(student_rows, 'trained', 'euler', S,
+            snapshot=os.path.basename(paths.student), where=f'{paths.student_dir}/'))}
     for p in points:
-        row = measured.get((p.network, p.sampler, p.steps))
+        run_dir, row = measured.get((p.network, p.sampler, p.steps), (None, None))
         p.value = p.fd if row is None else row['value']
-        p.source = 'in-process' if row is None else f'{os.path.basename(paths.student_dir)}/{VALIDATION_FILE}'
+        p.source = 'in-process' if row is None else f'{os.path.basename(run_dir)}/{VALIDATION_FILE}'
         p.validation = row
-    teacher_own = validation_row(teacher_rows, 'trained', 'heun', HEUN_STEPS, snapshot=os.path.basename(paths.teacher),
-        where=f'{paths.teacher_dir}/')
-    return dict(student=student_rows, teacher=teacher_rows, teacher_own=teacher_own)
+    return dict(student=student_rows, teacher=teacher_rows)
 
 #----------------------------------------------------------------------------
 # Report.
@@ -359,23 +368,21 @@ def write_report(path, rows, points, validation, plot_files, timings, total_seco
     grids = ' | '.join(f'[{p.name}]({p.grid})' for p in regenerated)
     curves = '\n'.join(f'* {name}: ' + ', '.join(f'[{os.path.basename(f)}]({rel(f)})' for f in files)
                        for name, files in plot_files.items())
-    teacher_own = validation['teacher_own']
     text = f'''# Quickstart results
 
 S = {S}; teacher {c.teacher_duration} images, student {c.student_duration} images; seed {seed}; EMA profile {EMA_STD}.
 
 FD_digits is the Fréchet distance between the digit classifier's penultimate-layer features
 (`digit-features.pkl`, `--detector {METRIC}=digit-features.pkl`) of the images and of the real
-training-split digits (`refs-digits.pkl`); it is not FID. The sampler rows are the validation rows of the
-student run (`student/{VALIDATION_FILE}`: the teacher baselines and the student's final snapshot), computed
-by train_edm2.py with calculate_metrics; the real row uses the same functions. Confidence: mean top-class
+training-split digits (`refs-digits.pkl`); it is not FID. The sampler rows are validation rows computed by
+train_edm2.py with calculate_metrics: teacher Heun from the teacher run (`teacher/{VALIDATION_FILE}`, its
+final snapshot), teacher Euler (the baseline) and the student's final snapshot from the student run
+(`student/{VALIDATION_FILE}`); the real row uses the same functions. Confidence: mean top-class
 probability. Class agreement: fraction classified as the class the sample was conditioned on (for real
 digits: the classifier's accuracy); both are measured on the same seeds (0-{rows[0].num_images - 1}),
 sampled again here.
 
 {format_table(rows)}
-
-The teacher run validated its own final snapshot with Heun, {HEUN_STEPS} steps: FD_digits {teacher_own["value"]:.2f}.
 
 ## FD_digits against network evaluations
 
@@ -426,15 +433,16 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     """Train a digits teacher, distil an S-step student and compare their samples.
 
     \b
-    Example (about 8 minutes on 2 idle CPU cores):
+    Example (about 9 minutes on 2 idle CPU cores):
       python3 quickstart.py --outdir=quickstart-run
     """
     c = dnnlib.EasyDict(CONFIGS['quick' if quick else 'full'])
     c.teacher_duration = teacher_duration or c.teacher_duration
     c.student_duration = student_duration or c.student_duration
-    if c.T_start < S:
-        raise click.BadParameter(f'the {"quick" if quick else "full"} configuration starts with {c.T_start} teacher '
-            f'edges, fewer than S={S}; choose S <= {c.T_start}', param_hint='--steps')
+    T_start = first_teacher_edges(c)
+    if T_start < S:
+        raise click.BadParameter(f'the {"quick" if quick else "full"} configuration starts with {T_start} teacher '
+            f'edges, fewer than S={S}; choose S <= {T_start}', param_hint='--steps')
     outdir = os.path.abspath(outdir)
     paths = dnnlib.EasyDict(outdir=outdir, dataset=os.path.join(outdir, 'digits-16.zip'),
         detector=os.path.join(outdir, 'digit-features.pkl'), refs=os.path.join(outdir, 'refs-digits.pkl'),

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 import torch
 
-from helpers import (REPO_ROOT, TEACHER_ARCH, assert_same_state, load_pickle, load_state, make_digits_zip, make_teacher, read_stats,
-    run_script, script_command, script_env, torchrun)
+from helpers import (REPO_ROOT, TEACHER_ARCH, assert_same_state, load_pickle, load_state, make_digits_zip, make_teacher, network_pickle, read_stats,
+    run_script, save_pickle, script_command, script_env, torchrun)
 from torch_utils import misc
 from training import consistency_ops, pretrained
 from training.encoders import StandardRGBEncoder
@@ -116,6 +116,30 @@ def test_check_teacher_reports_each_mismatch():
         pretrained.check_against_data(teacher, StandardRGBEncoder(), StandardRGBEncoder(), (1, 4, 8, 8), 0)
     for fragment in ['resolution: teacher 16, data 8', 'channels: teacher 3', 'label dimension: teacher 10, data 0']:
         assert fragment in str(err.value)
+
+
+def test_loaded_networks_are_rebuilt_as_our_precond(tmp_path):
+    # A pickle's networks come from the source embedded in it; loading rebuilds them from this repository's
+    # Precond when weights and outputs agree, so that the frozen-network shortcuts apply to them.
+    torch.manual_seed(3)
+    teacher = Precond(16, 3, label_dim=10, **TEACHER_ARCH)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.normal_()  # non-zero gains, so that every layer shapes the output
+    path = save_pickle(network_pickle(teacher.eval()), tmp_path / 'teacher.pkl')
+    embedded = load_pickle(path)['ema'].eval()
+    assert not isinstance(embedded, Precond)
+    loaded = pretrained.load(str(path)).net
+    assert type(loaded) is Precond and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    x, sigma, labels = torch.randn([3, 3, 16, 16]), torch.tensor([0.01, 1.0, 60.0]), torch.eye(10)[[1, 4, 9]]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, sigma, labels), embedded(x, sigma, labels), rtol=1e-6, atol=1e-6)
+    # A network that the rebuilt one does not reproduce is kept as it is.
+    with torch.no_grad():
+        embedded.unet.out_gain.fill_(float('nan'))
+    assert pretrained.rebuilt_as_precond(embedded) is embedded
+    assert pretrained.rebuilt_as_precond(loaded) is loaded
 
 
 def test_student_seeding_is_exact_or_refused():

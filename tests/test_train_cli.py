@@ -277,7 +277,9 @@ def test_options_without_effect_in_distillation_are_refused(args, option, messag
 def test_student_settings_under_either_name(data16, teacher16):
     base = [f'--data={data16}', '--cond=False', f'--teacher={teacher16}']
     c = config_for(*base, '--preset=cd-tiny-img16')
-    assert (c.network_kwargs.dropout, c.lr_kwargs.ref_lr, c.lr_kwargs.ref_batches) == (0.0, 0.002, 0)
+    preset = train_edm2.PRESETS['cd-tiny-img16']
+    assert (c.network_kwargs.dropout, c.lr_kwargs.ref_lr, c.lr_kwargs.ref_batches) == (0.0, preset['lr'], preset['decay'])
+    assert c.loss_kwargs.teacher_solver == preset['teacher_solver'] == 'ddim'  # the recipe study's choice
     for args in (['--dropout=0.1', '--lr=0.003', '--decay=7'], ['--cd_dropout=0.1', '--cd_lr=0.003', '--cd_decay=7'],
             ['--dropout=0.1', '--cd_dropout=0.1', '--cd_lr=0.003', '--decay=7']):
         c = config_for(*base, '--preset=cd-tiny-img16', *args)

@@ -13,6 +13,7 @@ import dnnlib
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils import persistence
+from training import networks_edm2
 
 #----------------------------------------------------------------------------
 
@@ -36,7 +37,7 @@ def _load_once(source, option):
     key = (os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
     if key not in _loaded:
         data = persistence.load_network_pickle(path, what=option)  # a one-line error for unusable files
-        net = data.get('ema', data.get('net')).eval().requires_grad_(False)
+        net = rebuilt_as_precond(data.get('ema', data.get('net')).eval().requires_grad_(False))
         _loaded[key] = dnnlib.EasyDict(net=net, encoder=data.get('encoder'), sha256=_sha256(path))
     return _loaded[key]
 
@@ -75,6 +76,29 @@ def network_kwargs(net, role='teacher'):
     for key in ('img_resolution', 'img_channels', 'label_dim'):
         kwargs.pop(key, None)
     return dnnlib.EasyDict(class_name='training.networks_edm2.Precond', **kwargs)
+
+
+def rebuilt_as_precond(net, tolerance=1e-5):
+    """A frozen copy of `net` built from this repository's Precond (the pickle's own classes come from the
+    source embedded in it, e.g. EDM2's), so that our frozen-network shortcuts apply to it; returned only if
+    every weight fits and both give the same outputs on a probe batch, otherwise `net` itself."""
+    if isinstance(net, networks_edm2.Precond):
+        return net
+    try:
+        kwargs = dict(network_kwargs(net))
+        del kwargs['class_name']
+        own = networks_edm2.Precond(**kwargs, img_resolution=net.img_resolution, img_channels=net.img_channels,
+            label_dim=net.label_dim)
+        copy_weights(own, net)
+    except (PretrainedError, AttributeError, TypeError):
+        return net
+    own.eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn([2, net.img_channels, net.img_resolution, net.img_resolution], generator=generator)
+    labels = torch.eye(net.label_dim)[[0, net.label_dim - 1]] if net.label_dim else None
+    with torch.no_grad():
+        expected, got = (model(x, torch.tensor([0.5, 5.0]), labels) for model in (net, own))
+    return own if torch.allclose(got, expected, rtol=tolerance, atol=tolerance) else net
 
 
 def _encoder_signature(encoder):
