@@ -346,6 +346,18 @@ def sigma_column(sigma, x):
     return torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1, 1)
 
 
+class RecordingDenoiser(torch.nn.Module):
+    """A denoiser that keeps the (x, sigma) of every call in `calls` and is otherwise `net`."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, sigma, class_labels=None):
+        self.calls.append((x.clone(), torch.as_tensor(sigma).clone()))
+        return self.net(x, sigma, class_labels)
+
+
 class MixtureDenoiser(torch.nn.Module):
     """E[y | y + sigma * eps = x] for the mixture, in closed form (computed in float64)."""
 

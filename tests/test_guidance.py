@@ -17,7 +17,7 @@ import train_edm2
 from helpers import (CLASS_MODES, MODE_MEANS, RHO, SIGMA_MAX, SIGMA_MIN, AnalyticStudent, AnalyticTeacher, ClassGated,
     GaussianDenoiser, MLPDenoiser, ModeSubsetDenoiser, assert_same_state, assert_user_error, distil_labelled,
     distribution_report, error_line, fit_to_teacher, invoke, load_pickle, load_state, make_teacher, network_pickle, run_script,
-    sample_labelled_mixture, save_pickle, sliced_wasserstein, tiny_precond, write_image_zip)
+    RecordingDenoiser, sample_labelled_mixture, save_pickle, sliced_wasserstein, tiny_precond, write_image_zip)
 from training import consistency_ops, pretrained
 from training.encoders import StandardRGBEncoder
 from training.loss_cd import EDMConsistencyDistillLoss
@@ -26,18 +26,6 @@ from training.pretrained import GuidedDenoiser
 
 #----------------------------------------------------------------------------
 # Helpers of this file.
-
-class Recording(torch.nn.Module):
-    """A denoiser that keeps the inputs of every call (and is otherwise `net`)."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net, self.calls = net, []
-
-    def forward(self, x, sigma, class_labels=None):
-        self.calls.append((x.clone(), torch.as_tensor(sigma).clone()))
-        return self.net(x, sigma, class_labels)
-
 
 class HandGuided(torch.nn.Module):
     """The guided denoiser written out, D_g + w (D - D_g), as the one network of an unguided loss."""
@@ -92,7 +80,7 @@ def test_guided_denoiser_is_the_lerp_of_the_two_networks():
 
 
 def test_guidance_1_never_evaluates_the_guide():
-    teacher, guide = tiny_precond(label_dim=4, frozen=True), Recording(tiny_precond(seed=1, frozen=True))
+    teacher, guide = tiny_precond(label_dim=4, frozen=True), RecordingDenoiser(tiny_precond(seed=1, frozen=True))
     x, sigma, labels = torch.randn([2, 3, 8, 8]), torch.tensor([0.5, 3.0]), torch.eye(4)[:2]
     assert torch.equal(GuidedDenoiser(teacher, guide, 1.0)(x, sigma, labels), teacher(x, sigma, labels))
     generate_images.edm_sampler(teacher, torch.randn([2, 3, 8, 8]), labels, gnet=guide, guidance=1, num_steps=3)
@@ -139,7 +127,7 @@ def test_every_teacher_evaluation_is_guided(teacher_solver):
     """Each solver's hop and the terminal teacher hop evaluate the guide wherever they evaluate the teacher,
     and the loss is that of an unguided loss whose teacher is the guided denoiser written out."""
     images, edges, noise = analytic_batch()
-    teacher, guide = Recording(AnalyticTeacher()), Recording(GaussianDenoiser(0.1, 0.4))
+    teacher, guide = RecordingDenoiser(AnalyticTeacher()), RecordingDenoiser(GaussianDenoiser(0.1, 0.4))
     settings = dict(teacher_solver=teacher_solver, terminal_teacher_hop=True)
     loss = cd_loss(teacher, guide_net=guide, guidance=1.8, **settings).loss_from_edges(
         AnalyticStudent(), images, None, edges, noise)
@@ -329,7 +317,7 @@ def test_unknown_teacher_preset_is_a_choice_error():
 # Sampling a guided student: S steps, no guide network.
 
 def test_guided_student_samples_without_a_guide_and_refuses_one(tmp_path, no_process_group):
-    student = Recording(tiny_precond(seed=4, label_dim=0, frozen=True))
+    student = RecordingDenoiser(tiny_precond(seed=4, label_dim=0, frozen=True))
     student.img_resolution, student.img_channels, student.label_dim = 8, 3, 0
     cd = dict(S=3, sigma_min=0.002, sigma_max=80.0, rho=7.0, teacher='t.pkl', guide='g.pkl', guidance=2.1)
     data = network_pickle(student, cd=cd)
