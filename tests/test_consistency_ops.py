@@ -418,6 +418,120 @@ def test_heun_hop_is_second_order_on_gaussian_data(device):
 #----------------------------------------------------------------------------
 # The one-evaluation teacher solvers: DDIM and adjusted DDIM (docs/algorithm.md §8.5).
 
+def solver_inputs(seed=7):
+    """Tiny float64 batch: x_t, clean y it was made from, and per-sample sigma_t > sigma_s (one hop to 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    y = 0.3 + 0.5 * torch.randn(3, 2, 2, 2, generator=generator, dtype=torch.float64)
+    sigma_t = torch.tensor([2.5, 0.7, 0.04], dtype=torch.float64)
+    sigma_s = torch.tensor([1.5, 0.3, 0.0], dtype=torch.float64)
+    x_t = y + sigma_t.reshape(-1, 1, 1, 1) * torch.randn(y.shape, generator=generator, dtype=torch.float64)
+    return x_t, y, sigma_t, sigma_s
+
+
+def gaussian_posterior_mean(x, sigma, mu=0.3, s=0.5):
+    return mu + s ** 2 / (s ** 2 + sigma ** 2) * (x - mu)
+
+
+def test_ddim_hop_is_one_euler_step_of_the_teacher():
+    x_t, _, sigma_t, sigma_s = solver_inputs()
+    net = RecordingDenoiser(GaussianDenoiser(mu=0.3, s=0.5))
+    out = ops.ddim_hop_edm(net, x_t, sigma_t, sigma_s)
+    assert len(net.calls) == 1 and net.calls[0][0].dtype == torch.float32  # the net sees float32 images
+    assert torch.equal(net.calls[0][1], sigma_t)
+    assert out.dtype == torch.float64 and not out.requires_grad
+    for i in range(3):
+        t, s = float(sigma_t[i]), float(sigma_s[i])
+        denoised = gaussian_posterior_mean(x_t[i].float().double(), t)  # the net's float32 input, in float64
+        expected = denoised + (s / t) * (x_t[i] - denoised)
+        np.testing.assert_allclose(out[i].numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out[2].numpy(), gaussian_posterior_mean(x_t[2], 0.04).numpy(), rtol=1e-6)  # to 0: D
+    # Scalar sigmas and float32 state.
+    scalar = ops.ddim_hop_edm(GaussianDenoiser(mu=0.3), x_t.float(), 1.0, 0.5)
+    assert scalar.dtype == torch.float32
+    denoised = gaussian_posterior_mean(x_t.float().double(), 1.0)
+    np.testing.assert_allclose(scalar.numpy(), (denoised + 0.5 * (x_t - denoised)).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def hand_written_addim(x_t, denoised, y, sigma_t, sigma_s, eta):
+    """Heek et al. 2024, Algorithm 3 / Eq. 14, with alpha = 1: per sample, in float64 NumPy."""
+    out = []
+    for i in range(len(x_t)):
+        x, D, clean = x_t[i].numpy(), denoised[i].numpy(), y[i].numpy()
+        t, s, d = float(sigma_t[i]), float(sigma_s[i]), x.size
+        eps_hat = (x - D) / t
+        x_var = eta * np.sum((D - clean) ** 2) / d
+        z_var = (1 - s / t) ** 2 * x_var
+        out.append(D + np.sqrt(s ** 2 + d / np.sum(eps_hat ** 2) * z_var) * eps_hat)
+    return np.stack(out)
+
+
+def test_addim_hop_matches_the_papers_step():
+    x_t, y, sigma_t, sigma_s = solver_inputs()
+    net = RecordingDenoiser(GaussianDenoiser(mu=0.3, s=0.5))
+    for eta in (0.75, 0.3, 1.0):
+        net.calls.clear()
+        out = ops.addim_hop_edm(net, x_t, sigma_t, sigma_s, y, eta)
+        assert len(net.calls) == 1 and out.dtype == torch.float64
+        denoised = gaussian_posterior_mean(x_t.float().double(), sigma_t.reshape(-1, 1, 1, 1))
+        np.testing.assert_allclose(out.numpy(), hand_written_addim(x_t, denoised, y, sigma_t, sigma_s, eta),
+            rtol=1e-6, atol=1e-7)
+    # The adjustment lengthens the noise part of the DDIM step, never shortens it, and is nonzero here.
+    ddim = ops.ddim_hop_edm(GaussianDenoiser(mu=0.3), x_t, sigma_t, sigma_s)
+    denoised = gaussian_posterior_mean(x_t.float().double(), sigma_t.reshape(-1, 1, 1, 1))
+    ratio = ((out - denoised).flatten(1).norm(dim=1) / (ddim - denoised).flatten(1).norm(dim=1))
+    assert (ratio[:2] > 1 + 1e-3).all()
+    assert ((out - denoised).flatten(1).norm(dim=1)[2] > 0)  # the hop to sigma = 0 keeps some of the noise
+
+
+def test_addim_without_its_correction_is_ddim():
+    x_t, y, sigma_t, sigma_s = solver_inputs()
+    net = GaussianDenoiser(mu=0.3)
+    assert torch.equal(ops.addim_hop_edm(net, x_t, sigma_t, sigma_s, y, 0.0), ops.ddim_hop_edm(net, x_t, sigma_t, sigma_s))
+    # The same for the step given a prediction: zero posterior variance, or a hop of length 0.
+    x_pred = torch.randn_like(x_t)
+    ddim = ops.ddim_step_edm(x_t, x_pred, sigma_t, sigma_s)
+    assert torch.equal(ops.addim_step_edm(x_t, x_pred, sigma_t, sigma_s, torch.zeros(3, dtype=torch.float64)), ddim)
+    assert torch.equal(ops.addim_step_edm(x_t, x_pred, sigma_t, sigma_t, 0.4), ops.ddim_step_edm(x_t, x_pred, sigma_t, sigma_t))
+    # Clean data equal to the teacher's prediction: no error, so no variance to restore.
+    denoised = net(x_t.float(), sigma_t).double()
+    assert torch.equal(ops.addim_hop_edm(net, x_t, sigma_t, sigma_s, denoised, 0.75), ops.ddim_hop_edm(net, x_t, sigma_t, sigma_s))
+
+
+def test_addim_step_adds_the_conditional_variance_to_the_squared_norm():
+    # Eq. 12-14: with the prediction orthogonal to its noise estimate, |x_s|^2 grows by exactly
+    # tr(Var[x_s | x_t]) = d * (1 - sigma_s/sigma_t)^2 * x_var over the DDIM step.
+    x_pred = torch.tensor([[3.0, 0.0, 0.0, 0.0], [0.0, -1.0, 2.0, 0.0]], dtype=torch.float64).reshape(2, 1, 2, 2)
+    noise = torch.tensor([[0.0, 1.0, -2.0, 0.5], [4.0, 0.0, 0.0, 1.5]], dtype=torch.float64).reshape(2, 1, 2, 2)
+    sigma_t, sigma_s = torch.tensor([1.5, 0.8], dtype=torch.float64), torch.tensor([0.5, 0.1], dtype=torch.float64)
+    x_t = x_pred + sigma_t.reshape(-1, 1, 1, 1) * noise
+    x_var = torch.tensor([0.2, 0.05], dtype=torch.float64)
+    addim = ops.addim_step_edm(x_t, x_pred, sigma_t, sigma_s, x_var)
+    ddim = ops.ddim_step_edm(x_t, x_pred, sigma_t, sigma_s)
+    gained = addim.flatten(1).square().sum(1) - ddim.flatten(1).square().sum(1)
+    torch.testing.assert_close(gained, 4 * (1 - sigma_s / sigma_t) ** 2 * x_var, rtol=1e-12, atol=1e-12)
+    # Only the noise part changes: the step stays on the line through x_pred and x_t.
+    direction = (addim - x_pred).flatten(1) / (addim - x_pred).flatten(1).norm(dim=1, keepdim=True)
+    torch.testing.assert_close(direction, noise.flatten(1) / noise.flatten(1).norm(dim=1, keepdim=True))
+
+
+def test_one_evaluation_solvers_check_their_inputs():
+    x_t, y, sigma_t, sigma_s = solver_inputs()
+    net = GaussianDenoiser()
+    zero_t = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r'ddim_hop_edm: sigma_t must be positive.*samples \[1\]'):
+        ops.ddim_hop_edm(net, x_t, zero_t, sigma_s)
+    with pytest.raises(ValueError, match=r'addim_hop_edm: sigma_t must be positive.*samples \[1\]'):
+        ops.addim_hop_edm(net, x_t, zero_t, sigma_s, y, 0.75)
+    with pytest.raises(ValueError, match=r'addim_hop_edm: eta must lie in \[0, 1\], got 1.5'):
+        ops.addim_hop_edm(net, x_t, sigma_t, sigma_s, y, 1.5)
+    with pytest.raises(ValueError, match=r'addim_step_edm: x_var must be >= 0.*samples \[2\]'):
+        ops.addim_step_edm(x_t, y, sigma_t, sigma_s, torch.tensor([0.1, 0.0, -0.1], dtype=torch.float64))
+    # Unchecked, the values are the same.
+    assert torch.equal(ops.ddim_hop_edm(net, x_t, sigma_t, sigma_s, check=False), ops.ddim_hop_edm(net, x_t, sigma_t, sigma_s))
+    assert torch.equal(ops.addim_hop_edm(net, x_t, sigma_t, sigma_s, y, 0.75, check=False),
+        ops.addim_hop_edm(net, x_t, sigma_t, sigma_s, y, 0.75))
+
+
 @pytest.mark.parametrize('device', DEVICES)
 def test_ddim_hop_is_first_order_on_gaussian_data(device):
     errors = gaussian_hop_errors(ops.ddim_hop_edm, device)
