@@ -478,3 +478,16 @@ def test_guided_run_resumes_with_its_guide_and_refuses_changes(guided_run, netwo
     assert not (guided_run.run / 'training-state-0000003.pt').exists()
 
 #----------------------------------------------------------------------------
+
+def test_guided_digits_study_refuses_bad_input(tmp_path):
+    """bench/guided_digits.py (its numbers are in docs/distillation.md) stops with one line on a bad guidance
+    list and on a folder that is not a finished quick start."""
+    result = run_script('bench/guided_digits.py', f'--quickstart={tmp_path}', f'--outdir={tmp_path}/out', '--guidance=1,x',
+                        check=False)
+    assert result.returncode == 2 and '--guidance' in error_line(result.stderr), result.stderr
+    result = run_script('bench/guided_digits.py', f'--quickstart={tmp_path}', f'--outdir={tmp_path}/out', check=False)
+    line = error_line(result.stderr)
+    assert result.returncode == 1 and 'digits-16.zip is missing' in line and 'quickstart.py' in line, result.stderr
+    assert not os.path.exists(tmp_path / 'out')
+
+#----------------------------------------------------------------------------

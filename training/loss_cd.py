@@ -442,7 +442,7 @@ class EDMConsistencyDistillLoss:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(teacher_net=None, guide_net=None, _encoder=None, _grid_cache=dict(), _device_grids=None,
+        state.update(teacher_net=None, guide_net=None, _guided=None, _encoder=None, _grid_cache=dict(), _device_grids=None,
             _student_grid=None)
         return state
 
@@ -479,8 +479,11 @@ class EDMConsistencyDistillLoss:
         """The denoiser whose ODE the teacher solves: the teacher, or with guidance the guided teacher (§8.6)."""
         if self.guidance == 1:
             return self._teacher()
-        guide = self._check_frozen(self.guide_net, 'guide', 'attach_teacher(teacher_net, guide_net)')
-        return pretrained.GuidedDenoiser(self._teacher(), guide, self.guidance)
+        teacher, guide = self._teacher(), self._check_frozen(self.guide_net, 'guide', 'attach_teacher(teacher_net, guide_net)')
+        guided = getattr(self, '_guided', None)  # built once per pair of networks: this is the hot path
+        if guided is None or guided.net is not teacher or guided.gnet is not guide:
+            self._guided = guided = pretrained.GuidedDenoiser(teacher, guide, self.guidance)
+        return guided
 
     def _teacher_on(self, device):
         """_denoiser() with its networks on `device`."""
