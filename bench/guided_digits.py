@@ -98,9 +98,11 @@ def report(ws, guidances, S, num_images, settings):
              ' | '.join(f'FD to teacher W={w:g}' for w in guidances) + ' |',
              '|---|---:|---:|---:|---:|---:|' + '---:|' * len(guidances)]
     for w in guidances:
+        rows[f'student-w{w:g}']['fd_to'] = {f'teacher-w{v:g}': fd_between(ws, f'student-w{w:g}', f'teacher-w{v:g}')
+                                            for v in guidances}
         for network, nfe in (('teacher', (2 * HEUN_STEPS - 1) * (1 if w == 1 else 2)), ('student', S)):
             r = rows[f'{network}-w{w:g}']
-            cross = [f'{fd_between(ws, r["tag"], f"teacher-w{v:g}"):.2f}' if network == 'student' else '-' for v in guidances]
+            cross = [f'{r["fd_to"][f"teacher-w{v:g}"]:.2f}' if network == 'student' else '-' for v in guidances]
             lines.append(f'| {network} | {w:g} | {nfe} | {r["fd"]:.2f} | {r["confidence"]:.3f} | {r["agreement"]:.3f} | '
                 + ' | '.join(cross) + ' |')
     text = '\n'.join(lines) + '\n'

@@ -13,6 +13,9 @@ sys.path.insert(0, TESTS_DIR)                   # helpers.py, whatever import mo
 
 import helpers  # noqa: E402
 
+if os.environ.get('PYTEST_XDIST_WORKER'):
+    torch.set_num_threads(1)  # the test workers (pytest -n) share the machine's cores: one thread each
+
 
 @pytest.fixture
 def repo_root():
