@@ -39,7 +39,7 @@ def is_pixel_model(encoder):
 
 def load_network(net, sampler, num_steps, class_idx, samplers, device, verbose):
     """(network, encoder, sampler function, its settings); sampler None: 'student' for students, else 'heun'."""
-    net, _gnet, encoder, cd = dist.node_first(generate_images._load_networks, net, None, False, None, device, verbose)
+    net, _gnet, encoder, cd = dist.node_first(generate_images.load_networks, net, None, False, None, device, verbose)
     sampler = sampler or ('student' if cd is not None else 'heun')
     if sampler == 'student' and cd is None:
         raise EditError('--sampler=student needs a consistency student (a network pickle with a "cd" entry); '
@@ -51,16 +51,10 @@ def load_network(net, sampler, num_steps, class_idx, samplers, device, verbose):
 
 
 def seed_labels(net, rnd, class_idx, given=None, device='cpu'):
-    """One-hot labels as generate_images draws them per seed (after the noise), `class_idx` for all, or the
-    `given` labels; None for an unconditional network."""
-    if net.label_dim == 0:
-        return None
-    class_ids = rnd.randint(net.label_dim, size=[len(rnd.generators)], device=device)
-    if class_idx is not None:
-        class_ids.fill_(class_idx)
-    elif given is not None:
-        return given.to(device)
-    return torch.eye(net.label_dim, device=device)[class_ids]
+    """The labels generate_images draws per seed (so the random stream stays the same), replaced by the
+    source's `given` labels unless `class_idx` is set; None for an unconditional network."""
+    labels = generate_images.seed_labels(net.label_dim, rnd, class_idx, device)
+    return given.to(device) if labels is not None and given is not None and class_idx is None else labels
 
 #----------------------------------------------------------------------------
 # Source images and the edit's operator.
@@ -266,7 +260,7 @@ def _collect(image_iter, fields):
     for r in tqdm.tqdm(image_iter, unit='batch', disable=dist.get_rank() != 0):
         if r.images is not None:
             kept.extend((index, {field: r[field][i].cpu().numpy() for field in fields}) for i, index in enumerate(r.indices.tolist()))
-    return [item for _index, item in sorted(generate_images._gather_to_rank0(kept), key=lambda item: item[0])]
+    return [item for _index, item in sorted(generate_images.gather_to_rank0(kept), key=lambda item: item[0])]
 
 
 def _refuse_unused(edit, **given):

@@ -133,7 +133,31 @@ def stochastic_consistency_sampler(net, noise, labels=None, num_steps=8, sigma_m
     return _student_steps(net, noise, labels, num_steps, sigma_min, sigma_max, rho, dtype, fresh_noise)
 
 
-SAMPLERS = {'heun': edm_sampler, 'euler': consistency_sampler, 'stochastic': stochastic_consistency_sampler}
+def trigflow_times(num_steps, sigma_max=80, sigma_data=0.5, mid_t=1.1):
+    """TrigFlow times of an S-step sCM sampler: t_max = atan(sigma_max / sigma_data), then mid_t (Lu & Song 2024's
+    1.1 for two steps) and, for more steps, times evenly spaced from mid_t towards 0 (docs/scm.md §5)."""
+    t_max = math.atan(sigma_max / sigma_data)
+    if not 0 < mid_t < t_max:
+        raise GenerationError(f'The TrigFlow sampler needs 0 < mid_t < t_max = {t_max:.5f}, got mid_t = {mid_t}')
+    return [t_max] + [mid_t * (num_steps - 1 - k) / (num_steps - 1) for k in range(num_steps - 1)]
+
+
+def trigflow_sampler(net, noise, labels=None, num_steps=2, sigma_max=80, sigma_data=0.5, mid_t=1.1,
+                     dtype=torch.float32, randn_like=torch.randn_like):
+    """sCM's multistep sampler in TrigFlow's coordinates x_t = cos t x_0 + sin t z, z ~ N(0, sigma_data^2 I): from
+    x = sigma_data * noise at t_max, predict x_0 with f(x_t, t) = D(x_t / cos t; sigma_data tan t), then noise afresh to
+    the next time, x = cos t' x_0 + sin t' sigma_data z. NFE = num_steps."""
+    times = trigflow_times(num_steps, sigma_max, sigma_data, mid_t)
+    x = noise.to(dtype) * sigma_data
+    for i, t in enumerate(times):
+        denoised = net(x / math.cos(t), sigma_data * math.tan(t), labels).to(dtype)
+        if i == num_steps - 1:
+            return denoised
+        x = math.cos(times[i + 1]) * denoised + math.sin(times[i + 1]) * sigma_data * randn_like(denoised)
+
+
+SAMPLERS = {'heun': edm_sampler, 'euler': consistency_sampler, 'stochastic': stochastic_consistency_sampler,
+    'trigflow': trigflow_sampler}
 
 #----------------------------------------------------------------------------
 # Per-seed randomness.
@@ -206,7 +230,7 @@ def _refuse_guidance_for_student(cd):
         'no guide network; for other guidance, distil with train_edm2.py --guide=PKL --guidance=W')
 
 
-def _load_networks(net, gnet, guided, encoder, device, verbose):
+def load_networks(net, gnet, guided, encoder, device, verbose):
     """(net, gnet, initialised encoder, 'cd' entry or None) for generate_images(); consistency students
     refuse a guide and guidance (`guided`)."""
     data = _network_data(net, '--net', 'main network', verbose)
@@ -221,6 +245,17 @@ def _load_networks(net, gnet, guided, encoder, device, verbose):
     encoder.init(device)
     gnet = gnet if guide is None else _pickled_network(guide, '--gnet')
     return _pickled_network(data, '--net'), gnet, encoder, data.get('cd')
+
+
+def seed_labels(label_dim, rnd, class_idx=None, device='cpu'):
+    """One-hot labels [N, label_dim], one class drawn per seed from `rnd` (after the noise), all set to
+    `class_idx` if given; None for an unconditional network (label_dim 0)."""
+    if label_dim == 0:
+        return None
+    class_ids = rnd.randint(label_dim, size=[len(rnd.generators)], device=device)
+    if class_idx is not None:
+        class_ids.fill_(class_idx)
+    return torch.eye(label_dim, device=device)[class_ids]
 
 
 def rank_batches(num_items, max_batch_size):
@@ -284,18 +319,22 @@ def resolve_sampler(sampler_fn, cd, sampler_kwargs):
     `sampler_fn` is a function, a name from SAMPLERS, a dotted function name or None (the default).
     """
     kwargs = {key: value for key, value in sampler_kwargs.items() if value is not None}
+    student_grid = {}
     if cd is not None:
-        missing = [key for key in ('S', 'sigma_min', 'sigma_max', 'rho') if key not in cd]
+        # sCM students (sampler 'trigflow') record no EDM grid; other samplers use their own sigma_min and rho.
+        trigflow = cd.get('sampler') == 'trigflow'
+        keys = ('S', 'sigma_max', 'sigma_data') if trigflow else ('S', 'sigma_min', 'sigma_max', 'rho')
+        missing = [key for key in keys if key not in cd]
         if missing:
             raise GenerationError(f'The "cd" entry of the network pickle lacks {missing}')
-        unusable = {key: cd[key] for key in ('S', 'sigma_min', 'sigma_max', 'rho')
+        unusable = {key: cd[key] for key in keys
                     if not isinstance(cd[key], numbers.Real) or not math.isfinite(cd[key]) or cd[key] <= 0}
         if unusable:
             raise GenerationError(f'The "cd" entry of the network pickle has unusable values {unusable}; '
-                'S, sigma_min, sigma_max and rho must be positive numbers')
-        kwargs.pop('guidance', None)  # 1: _load_networks() refuses any other for students
-        kwargs = dict(num_steps=int(cd['S']), sigma_min=cd['sigma_min'], sigma_max=cd['sigma_max'], rho=cd['rho']) | kwargs
-        sampler_fn = sampler_fn or 'euler'
+                f'{", ".join(keys)} must be positive numbers')
+        kwargs.pop('guidance', None)  # 1: load_networks() refuses any other for students
+        student_grid = dict(num_steps=int(cd['S'])) | {key: cd[key] for key in keys[1:]}
+        sampler_fn = sampler_fn or ('trigflow' if trigflow else 'euler')
     sampler_fn = sampler_fn or 'heun'
     if isinstance(sampler_fn, str):
         if sampler_fn in SAMPLERS:
@@ -304,6 +343,7 @@ def resolve_sampler(sampler_fn, cd, sampler_kwargs):
             sampler_fn = dnnlib.util.get_obj_by_name(sampler_fn)
         else:
             raise GenerationError(f'Unknown sampler "{sampler_fn}"; expected one of {sorted(SAMPLERS)} or a dotted function name')
+    kwargs = {key: value for key, value in student_grid.items() if _accepts(sampler_fn, key)} | kwargs
     unused = [key for key in kwargs if not _accepts(sampler_fn, key)]
     if unused:
         raise GenerationError(f'Sampler {sampler_fn.__name__} does not take {unused}; guidance and S_* options need the Heun sampler')
@@ -338,7 +378,7 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
     """
     device = torch.device(device) if device is not None else misc.default_device()
     guided = sampler_kwargs.get('guidance') not in (None, 1)
-    net, gnet, encoder, cd = dist.node_first(_load_networks, net, gnet, guided, encoder, device, verbose)
+    net, gnet, encoder, cd = dist.node_first(load_networks, net, gnet, guided, encoder, device, verbose)
     if encoder_batch_size is not None and hasattr(encoder, 'batch_size'):
         encoder.batch_size = encoder_batch_size
     sampler_fn, sampler_kwargs = resolve_sampler(sampler_fn, cd, sampler_kwargs)
@@ -359,11 +399,7 @@ def generate_images(net, gnet=None, encoder=None, outdir=None, subdirs=False, se
             return r
         rnd = StackedRandomGenerator(device, r.seeds)
         r.noise = rnd.randn([len(r.seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
-        if net.label_dim > 0:
-            class_ids = rnd.randint(net.label_dim, size=[len(r.seeds)], device=device)
-            if class_idx is not None:
-                class_ids.fill_(class_idx)
-            r.labels = torch.eye(net.label_dim, device=device)[class_ids]
+        r.labels = seed_labels(net.label_dim, rnd, class_idx, device)
         with torch.no_grad():
             latents = sampler_fn(net=net, noise=r.noise, labels=r.labels, randn_like=rnd.randn_like, **sampler_kwargs)
             refuse_non_finite(latents, r.seeds, writing=outdir is not None)
@@ -400,7 +436,7 @@ def parse_int_list(s):
     return values
 
 
-def _gather_to_rank0(items):
+def gather_to_rank0(items):
     if dist.get_world_size() == 1:
         return items
     everything = [None] * dist.get_world_size()
@@ -418,11 +454,12 @@ def _gather_to_rank0(items):
 @click.option('--class', 'class_idx', help='Class index for all images [default: random per seed]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--batch', 'max_batch_size', help='Largest batch per process', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--grid', help='Also save all images as one mosaic to this PNG file', metavar='FILE.png')
-@click.option('--sampler', 'sampler_fn', help='heun (EDM2 models), euler (deterministic consistency), stochastic (consistency with fresh noise) [default: euler for students, else heun]', type=click.Choice(sorted(SAMPLERS)))
+@click.option('--sampler', 'sampler_fn', help='heun (EDM2 models), euler (deterministic consistency), stochastic (consistency with fresh noise), trigflow (sCM students) [default: the student\'s, else heun]', type=click.Choice(sorted(SAMPLERS)))
 @click.option('--steps', 'num_steps', help='Number of noise levels [default: S for students, else 32]', metavar='INT', type=click.IntRange(min=1))
 @click.option('--sigma_min', help='Lowest noise level [default: 0.002 or the student\'s]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, min_open=True))
 @click.option('--sigma_max', help='Highest noise level [default: 80 or the student\'s]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, min_open=True))
 @click.option('--rho', help='Karras schedule exponent [default: 7 or the student\'s]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, min_open=True))
+@click.option('--mid_t', help='TrigFlow time of the second step (trigflow); more steps spread evenly below it [default: 1.1]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0, min_open=True))
 @click.option('--guidance', help='Guidance strength; 1 disables guidance  [default: 1]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat())
 @click.option('--S_churn', 'S_churn', help='Stochasticity strength (Heun) [default: 0]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0))
 @click.option('--S_min', 'S_min', help='Lowest noise level with churn (Heun) [default: 0]', metavar='FLOAT', type=dnnlib.cli.FiniteFloat(min=0))
@@ -466,7 +503,7 @@ def cmdline(preset, net, gnet, outdir, subdirs, seeds, class_idx, max_batch_size
             if grid is not None and r.images is not None:
                 kept.extend(zip(r.indices.tolist(), r.images.cpu().numpy()))
         if grid is not None:
-            kept = sorted(_gather_to_rank0(kept), key=lambda item: item[0])
+            kept = sorted(gather_to_rank0(kept), key=lambda item: item[0])
             if dist.get_rank() == 0:
                 save_png(image_grid(np.stack([image for _, image in kept])), grid)
                 print(f'Saved grid of {len(kept)} images to "{grid}"')

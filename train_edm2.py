@@ -29,6 +29,8 @@ METHODS = {
     'cd':   'training.loss_cd.EDMConsistencyDistillLoss',
     'ct':   'training.loss_ct.ConsistencyTrainingLoss',
     'cdm': 'training.loss_cdm.CDMLoss',
+    'scd':  'training.loss_scm.SCDLoss',
+    'sct':  'training.loss_scm.SCTLoss',
 }
 
 #----------------------------------------------------------------------------
@@ -53,6 +55,7 @@ PRESETS = {
     'tiny-img16':       dict(channels=32,  dropout=0.00, lr=0.0100, decay=500,   P_mean=-0.8, P_std=1.6, duration=32 << 10,  batch=32, rampup_Mimg=0.004, channel_mult=[1, 2], num_blocks=1, status=1 << 10, snapshot=8 << 10, checkpoint=16 << 10),
     'tiny-img32':       dict(channels=32,  dropout=0.00, lr=0.0100, decay=500,   P_mean=-0.8, P_std=1.6, duration=32 << 10,  batch=32, rampup_Mimg=0.004, channel_mult=[1, 2, 2], num_blocks=1, status=1 << 10, snapshot=8 << 10, checkpoint=16 << 10),
     'cd-tiny-img16':    dict(method='cd', S=4, T_start=16, T_end=64, T_anneal_kimg=8, lr=0.004, decay=64, teacher_solver='ddim', duration=16 << 10, batch=32, rampup_Mimg=0.001, status=1 << 10, snapshot=4 << 10, checkpoint=8 << 10),
+    'scd-tiny-img16':   dict(method='scd', scm_steps=2, scm_warmup_kimg=4, lr=0.002, decay=64, duration=16 << 10, batch=32, rampup_Mimg=0.001, status=1 << 10, snapshot=4 << 10, checkpoint=8 << 10),
     'cd-edm2-img64-s':  dict(method='cd', T_anneal_kimg=67109, lr=0.001, decay=0, duration=128 << 20, batch=2048, rampup_Mimg=1),
     'cd-edm2-img512-s': dict(method='cd', T_anneal_kimg=67109, lr=0.001, decay=0, duration=128 << 20, batch=2048, rampup_Mimg=1),
 }
@@ -174,7 +177,7 @@ class _OptionErrors:
 
 
 def _choose_method(opts, given, preset):
-    method = opts.method or ('cd' if 'teacher' in given else PRESETS[preset].get('method', 'edm2'))
+    method = opts.method or PRESETS[preset].get('method') or ('cd' if 'teacher' in given else 'edm2')
     preset_method = PRESETS[preset].get('method', 'edm2')
     if method != preset_method and 'duration' not in given:
         raise click.BadParameter(f'preset {preset!r} is made for --method={preset_method}; with --method={method} '
@@ -396,7 +399,7 @@ def launch_training(run_dir, c):
 @click.option('--cond', help='Condition on the dataset labels', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--preset', help=f'Configuration preset: {", ".join(PRESETS)}', metavar='STR', type=str,
     default='edm2-img512-s', show_default=True)
-@click.option('--method', help='Training method [default: cd with --teacher, else the preset\'s, else edm2]',
+@click.option('--method', help='Training method [default: the preset\'s, else cd with --teacher, else edm2]',
     type=click.Choice(list(METHODS)))
 @click.option('--duration', help='Images to train for [default: preset]', metavar='NIMG', type=ImageCount(min=1))
 @click.option('--batch', help='Images per optimizer step [default: preset]', metavar='NIMG', type=ImageCount(min=1))

@@ -5,6 +5,8 @@ In one run on one network architecture and one batch, this times
   * a CD training step (EDMConsistencyDistillLoss with a frozen eval-mode teacher and a student
     seeded from it; forward, backward, Adam), with a breakdown of where its time goes, read from
     the named torch.profiler ranges inside the loss during a few profiled steps,
+  * an sCD training step (training/loss_scm.SCDLoss on the same teacher and another student seeded from
+    it: the teacher's velocity, the student's forward, its JVP, backward, Adam),
   * generate_images.consistency_sampler against S bare network evaluations of the same batch,
 and the peak memory of both training steps. docs/benchmarks.md explains each measurement.
 
@@ -38,6 +40,7 @@ import generate_images
 from torch_utils import misc
 from torch_utils import training_stats
 from training import loss_cd
+from training import loss_scm
 from training import training_loop
 from training.networks_edm2 import Precond
 
@@ -86,10 +89,13 @@ def build_setup(net_size, batch, S, T, dropout, fp16, device, seed, teacher_solv
     channels, resolution = plain_net.img_channels, plain_net.img_resolution
     images = torch.randn([batch, channels, resolution, resolution], device=device) * cd_loss.sigma_data
     labels = torch.eye(plain_net.label_dim, device=device)[torch.randint(plain_net.label_dim, [batch], device=device)]
+    scd_student = Precond(**net_kwargs).train().requires_grad_(True).to(device)  # after the batch, which stays as it was
+    misc.copy_params_and_buffers(teacher, scd_student, require_all=True)
     return dnnlib.EasyDict(
         device=torch.device(device), images=images, labels=labels, teacher=teacher, guide=guide, cd_loss=cd_loss,
         plain_net=plain_net, plain_loss=training_loop.EDM2Loss(), plain_opt=adam(plain_net),
-        student=student, student_opt=adam(student))
+        student=student, student_opt=adam(student),
+        scd_loss=loss_scm.SCDLoss(teacher_net=teacher), scd_student=scd_student, scd_opt=adam(scd_student))
 
 
 def adam(net):
@@ -116,6 +122,10 @@ def plain_step(setup, seed, cur_nimg):
 
 def cd_step(setup, seed, cur_nimg):
     training_step(setup.student, setup.cd_loss, setup.student_opt, setup.images, setup.labels, seed, cur_nimg)
+
+
+def scd_step(setup, seed, cur_nimg):
+    training_step(setup.scd_student, setup.scd_loss, setup.scd_opt, setup.images, setup.labels, seed, cur_nimg)
 
 #----------------------------------------------------------------------------
 # Timing.
@@ -206,7 +216,7 @@ def profiled_step(setup, step, seed, cur_nimg):
 
 
 def time_training(setup, seed, warmup, reps):
-    """Per-rep seconds of the plain and the CD step, and the edge class counts of each CD step; and
+    """Per-rep seconds of the plain, the CD and the sCD step, and the edge class counts of each CD step; and
     from the first PROFILED_STEPS timed reps, the seconds of a profiled plain and CD step and the
     CD step's parts.
 
@@ -215,13 +225,13 @@ def time_training(setup, seed, warmup, reps):
     too, unrecorded, so that starting the profiler the first time costs no recorded step.
     """
     batch = setup.images.shape[0]
-    samples = dnnlib.EasyDict(plain=[], cd=[], counts=[], profiled=dnnlib.EasyDict(plain=[], cd=[], parts=[]))
+    samples = dnnlib.EasyDict(plain=[], cd=[], scd=[], counts=[], profiled=dnnlib.EasyDict(plain=[], cd=[], parts=[]))
     pairs = [('plain', plain_step), ('cd', cd_step)]
     for rep in range(warmup + reps):
         cur_nimg = rep * batch
         counts_before = dict(setup.cd_loss.edge_counts)
         seconds = dict()
-        for name, step in alternating(pairs, rep):
+        for name, step in alternating(pairs + [('scd', scd_step)], rep):
             _, seconds[name] = timed(setup.device, lambda: step(setup, seed, cur_nimg))
         counts = edge_class_counts(setup, counts_before)
         profiled = dict()
@@ -231,6 +241,7 @@ def time_training(setup, seed, warmup, reps):
         if rep >= warmup:
             samples.plain.append(seconds['plain'])
             samples.cd.append(seconds['cd'])
+            samples.scd.append(seconds['scd'])
             samples.counts.append(counts)
             if profiled:
                 samples.profiled.plain.append(profiled['plain'][1])
@@ -455,7 +466,7 @@ def print_report(setup, config, training, syncs, sampling, peaks):
         ('  edges, checks, distance, diagnostics (loss arithmetic)', parts['bookkeeping']),
         ('  gradient sanitising + Adam step', parts['optimizer']),
         ('  other (profiled CD step minus the parts above)', other),
-    ]]
+    ]] + [('sCD step (SCDLoss: teacher, fwd, JVP, bwd, Adam)', median(training.scd), cd, plain)]
     print(f'{"training step":<58s} {"ms":>10s} {"% of CD":>8s} {"x plain":>8s}')
     for label, seconds, cd_seconds, plain_seconds in rows:
         print(f'{label:<58s} {ms(seconds):10.2f} {100 * seconds / cd_seconds:8.1f} {seconds / plain_seconds:8.2f}')
@@ -476,6 +487,8 @@ def print_report(setup, config, training, syncs, sampling, peaks):
     print('ratios: medians over the reps of the ratio within each rep')
     print(f'CD step / plain step          = {cd_ratio:.3f}  (target <= 2.0; network-evaluation floor for these edges '
         f'{floor:.3f}{floor_note})')
+    print(f'sCD step / plain step         = {paired_ratio(training.scd, training.plain):.3f}  (sCD step / CD step '
+        f'{paired_ratio(training.scd, training.cd):.3f})')
     print(f'sampler / S raw evaluations   = {sampler_ratio:.3f}  (overhead {100 * (sampler_ratio - 1):+.1f} %, target < 5 %)')
     print(f'peak step memory CD / plain   = {peaks["cd"] / max(peaks["plain"], 1):.3f}')
 

@@ -67,6 +67,20 @@ def test_validation_equals_generate_then_calc(val_setup):
 
 
 @pytest.mark.slow
+def test_validation_samples_sCM_students_with_their_trigflow_sampler(val_setup):
+    root, data, fid, teacher = val_setup
+    args = cd_args(root, data, fid, teacher, 'scd', '--duration=1Ki', '--method=scd', '--preset=scd-tiny-img16')
+    helpers.run_script('train_edm2.py', *[arg for arg in args if arg != '--preset=cd-tiny-img16'])
+    trained = [row for row in read_rows(root / 'scd') if row['network'] == 'trained']
+    assert [(row['sampler'], row['steps'], row['nfe']) for row in trained] == [('trigflow', 2, 2)], trained
+    snapshot = root / 'scd' / trained[0]['snapshot']
+    helpers.run_script('generate_images.py', f'--net={snapshot}', f'--outdir={root / "scd-images"}', '--seeds=0-23')
+    result = helpers.run_script('calculate_metrics.py', 'calc', f'--images={root / "scd-images"}', f'--ref={root / "ref.pkl"}',
+        '--metrics=fid', '--num=24', '--workers=0', f'--detector={fid}')
+    assert math.isclose(helpers.printed_value(result.stdout, 'fid'), trained[0]['value'], rel_tol=1e-5)
+
+
+@pytest.mark.slow
 def test_validation_under_ddp_equals_one_process(val_setup):
     root, data, fid, teacher = val_setup
     helpers.run_script('train_edm2.py', *cd_args(root, data, fid, teacher, 'one', '--duration=1Ki'))

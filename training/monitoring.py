@@ -137,7 +137,7 @@ class Validator:
                 self._evaluate(cur_nimg, baseline.network, baseline.data, None, None, baseline.sampler,
                     baseline.sampler_kwargs)
             self.have_baselines = True
-        sampler = 'euler' if 'cd' in data else 'heun'
+        sampler = data['cd'].get('sampler', 'euler') if 'cd' in data else 'heun'  # a student's own sampler
         steps = self.steps or (int(data['cd']['S']) if 'cd' in data else HEUN_STEPS)
         results = self._evaluate(cur_nimg, 'trained', data, snapshot_file, ema_std, sampler, dict(num_steps=steps),
             keep_grid=True)
