@@ -187,7 +187,7 @@ def _choose_method(opts, given, preset):
         if method not in spec.methods:
             siblings = [f'--{other}' for other, s in METHOD_OPTIONS.items() if method in s.methods and s.kwarg == spec.kwarg]
             hint = f' (--method={method} has {", ".join(siblings)})' if siblings else \
-                ' (--teacher=PKL chooses --method=cd)' if 'cd' in spec.methods else ''
+                ' (--teacher=PKL chooses --method=cd)' if 'cd' in spec.methods and 'method' not in PRESETS[preset] else ''
             raise click.BadParameter(f'{_flag(name)} is an option of --method={"|".join(spec.methods)}, but this run '
                 f'trains with --method={method}{hint}', param_hint=_flag(name))
     return method

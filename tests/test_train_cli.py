@@ -252,6 +252,16 @@ def test_options_without_effect_in_plain_training_are_refused(args, option, mess
     assert option in text and message in text
 
 
+def test_method_option_errors_name_the_method_the_preset_chose(data16, teacher16):
+    with pytest.raises(click.BadParameter) as info:
+        config_for(f'--data={data16}', '--cond=False', '--preset=scd-tiny-img16', '--method=sct', '--duration=1Ki',
+                   f'--teacher={teacher16}')
+    text = info.value.format_message()
+    assert 'is an option of --method=cd|scd, but this run trains with --method=sct' in text and 'chooses' not in text
+    assert config_for(f'--data={data16}', '--cond=False', '--preset=scd-tiny-img16', f'--teacher={teacher16}') \
+        .loss_kwargs.class_name == 'training.loss_scm.SCDLoss'  # the preset's method, though --teacher would mean cd
+
+
 @pytest.mark.parametrize('args, option, message', [
     (['--channels=64'], '--channels', 'the architecture of its pretrained network'),
     (['--P_mean=-1'], '--P_mean', 'is an option of --method=edm2|cdm, but this run trains with --method=cd (--method=cd has --cd_P_mean)'),
