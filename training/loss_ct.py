@@ -46,11 +46,8 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
         self._encoder = encoder
         if self.init_pkl is None:
             return
-        init = pretrained.load_pinned(self.init_pkl, self.init_sha256, '--init', 'init_pkl', 'init_sha256', 'started from')
-        self.init_sha256 = init.sha256
-        pretrained.check_against_data(init.net, init.encoder, encoder, latent_shape, label_dim,
-            role='starting network', option='--init', argument='init_pkl')
-        self.init_net = init.net
+        init = pretrained.load_starting_network(self.init_pkl, self.init_sha256, encoder, latent_shape, label_dim)
+        self.init_net, self.init_sha256 = init.net, init.sha256
 
     def validation_baselines(self, heun=True):
         """The starting network, if any, with the samplers of CD's teacher baselines."""

@@ -354,11 +354,8 @@ class SCTLoss(ContinuousConsistencyLoss):
         super().prepare(encoder, latent_shape, label_dim, device)
         if self.init_pkl is None:
             return
-        init = pretrained.load_pinned(self.init_pkl, self.init_sha256, '--init', 'init_pkl', 'init_sha256', 'started from')
-        self.init_sha256 = init.sha256
-        pretrained.check_against_data(init.net, init.encoder, encoder, latent_shape, label_dim,
-            role='starting network', option='--init', argument='init_pkl')
-        self.init_net = init.net
+        init = pretrained.load_starting_network(self.init_pkl, self.init_sha256, encoder, latent_shape, label_dim)
+        self.init_net, self.init_sha256 = init.net, init.sha256
 
     def pinned_kwargs(self):
         return dict(init_sha256=self.init_sha256) if self.init_pkl is not None else {}

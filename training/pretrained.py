@@ -174,6 +174,14 @@ def guided_denoise(net, gnet, guidance, x, sigma, class_labels=None, dtype=torch
     return torch.lerp(gnet(x, sigma, class_labels).to(dtype), denoised, guidance)
 
 
+def load_starting_network(init_pkl, init_sha256, encoder, latent_shape, label_dim):
+    """The --init network of a training method (ct, sct): loaded, pinned by content and checked against the data."""
+    init = load_pinned(init_pkl, init_sha256, '--init', 'init_pkl', 'init_sha256', 'started from')
+    check_against_data(init.net, init.encoder, encoder, latent_shape, label_dim,
+        role='starting network', option='--init', argument='init_pkl')
+    return init
+
+
 class GuidedDenoiser(torch.nn.Module):
     """guided_denoise() of two frozen networks as one float32 denoiser module D_w(x; sigma, class_labels),
     with the interface sizes (img_resolution, img_channels, label_dim) of the main network `net`, so that
