@@ -150,13 +150,15 @@ def make_operators(edit, mask, box, factor, resolution, net, encoder):
 #----------------------------------------------------------------------------
 
 def edit_images(net, source, edit, mask=None, box=None, factor=2, outdir=None, seeds=range(8), class_idx=None,
-                max_batch_size=32, sampler=None, num_steps=None, verbose=True, device=None):
+                max_batch_size=32, sampler=None, num_steps=None, reconstruction=0, resample=1, verbose=True, device=None):
     """Edit source image number seed % N (N images in `source`) once per seed and save the results as PNGs
     to `outdir` (None: don't), split across ranks like generate_images.generate_images().
 
     `edit` is 'inpaint' (the hole: --mask PNG or --box), 'colorize' or 'superres' (blocks of `factor`).
     `sampler` 'student' (default for students) runs Alg. 4 on the student's grid, 'heun' (default for
-    EDM2 models) EDM's Heun sampler with the same replacement. Labels: `class_idx`, else the source's,
+    EDM2 models) EDM's Heun sampler with the same replacement; `reconstruction` > 0 adds reconstruction
+    guidance of that weight and `resample` > 1 denoises that often per evaluation (training/editing.py,
+    docs/editing.md). Labels: `class_idx`, else the source's,
     else drawn per seed as generate_images does. Returns a BatchIterable of EasyDict(source, degraded,
     images, labels, batch_idx, num_batches, indices, seeds), uint8 images (None for an empty batch).
     """
@@ -182,7 +184,7 @@ def edit_images(net, source, edit, mask=None, box=None, factor=2, outdir=None, s
         r.labels = seed_labels(net, rnd, class_idx, given, device)
         with torch.no_grad():
             latents = editing.edit(sampler_fn, net, noise, operator, encode(encoder, r.source), r.labels,
-                                   randn_like=rnd.randn_like, **sampler_kwargs)
+                                   guidance=reconstruction, resample=resample, randn_like=rnd.randn_like, **sampler_kwargs)
             generate_images.refuse_non_finite(latents, r.seeds, writing=outdir is not None)
             r.images = encoder.decode(latents)
             r.degraded = to_pixels.decode(pixel_operator.degraded(to_pixels.encode(r.source)))
@@ -285,9 +287,11 @@ def _refuse_unused(edit, **given):
 @click.option('--grid', help='Also save a mosaic: source, degraded and result rows (interpolate: a row per pair)', metavar='FILE.png')
 @click.option('--sampler', help='student (S steps with fresh noise; the default for students) or heun (the default for EDM2 models)', type=click.Choice(sorted(EDIT_SAMPLERS)))
 @click.option('--steps', 'num_steps', help='Number of noise levels [default: S for students, else 32]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--reconstruction', help='Reconstruction guidance weight: also steer the filled-in part by the known part through the network\'s gradient; 0 is the plain replacement of Alg. 4  [default: 0]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--resample', help='Denoise R times at every noise level, re-noising in between, so that the filled-in and known parts settle (R times the evaluations)  [default: 1]', metavar='R', type=click.IntRange(min=1))
 @click.option('--compare', help='A second network (e.g. the teacher) that edits the same seeds with its default sampler and steps, into OUTDIR/compare and a further grid row', metavar='PKL|URL')
 def cmdline(net, edit, source, mask, box, factor, num_frames, outdir, seeds, class_idx, max_batch_size, grid, sampler,
-            num_steps, compare):
+            num_steps, reconstruction, resample, compare):
     """Edit images zero-shot with a consistency student or an EDM2 model.
 
     \b
@@ -301,7 +305,8 @@ def cmdline(net, edit, source, mask, box, factor, num_frames, outdir, seeds, cla
     """
     interpolate = edit == 'interpolate'
     _refuse_unused(edit, source=(source, EDITS[:3]), mask=(mask, ['inpaint']), box=(box, ['inpaint']),
-                   factor=(factor, ['superres']), frames=(num_frames, ['interpolate']))
+                   factor=(factor, ['superres']), frames=(num_frames, ['interpolate']),
+                   reconstruction=(reconstruction, EDITS[:3]), resample=(resample, EDITS[:3]))
     if not interpolate and source is None:
         raise click.BadParameter(f'--edit={edit} needs the images to edit', param_hint='--source')
     if os.path.exists(outdir) and not os.path.isdir(outdir):
@@ -313,7 +318,8 @@ def cmdline(net, edit, source, mask, box, factor, num_frames, outdir, seeds, cla
         fields = ['images']
     else:
         run = lambda pkl, out, **kwargs: edit_images(pkl, source, edit, mask=mask, box=box, factor=factor, outdir=out,
-                                                     seeds=seeds, **kwargs)
+                                                     seeds=seeds, reconstruction=reconstruction or 0,
+                                                     resample=resample or 1, **kwargs)
         fields = ['source', 'degraded', 'images']
 
     dist.init()

@@ -303,6 +303,17 @@ def test_loss_call_rewrites_student_weights_once_and_backward_works():
 #----------------------------------------------------------------------------
 # End to end, pickling, annealing, checkpoints.
 
+def test_pseudo_huber_c_is_the_distance_constant(ref):
+    # Same edges and student, so the squared error norm n^2 is shared: d_c = sqrt(n^2 + c^2) - c for both c.
+    y, eps, edges = torch.from_numpy(ref['y']), torch.from_numpy(ref['eps']), fixture_edges(ref)
+    weight = ref['weight__sqrt_karras'].reshape(-1, 1, 1, 1)
+    default = parity_loss(ref, weight_mode='sqrt_karras').loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    wide = parity_loss(ref, weight_mode='sqrt_karras', pseudo_huber_c=0.5).loss_from_edges(AnalyticStudent(), y, None, edges, eps)
+    squared_norm = (default.double().numpy() / weight + 1e-4) ** 2 - 1e-8
+    np.testing.assert_allclose(wide.double().numpy() / weight, np.sqrt(squared_norm + 0.25) - 0.5, rtol=1e-4, atol=1e-7)
+    assert not np.allclose(wide.numpy(), default.numpy())
+
+
 @pytest.mark.parametrize('loss_type, shape', [('pseudo_huber', (5, 1, 1, 1)), ('huber', (5, 3, 8, 8))])
 def test_call_end_to_end_on_tiny_networks(loss_type, shape):
     teacher, student = tiny_precond(seed=6, label_dim=2), tiny_precond(seed=7, label_dim=2).train()

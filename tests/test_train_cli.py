@@ -268,6 +268,9 @@ def test_method_option_errors_name_the_method_the_preset_chose(data16, teacher16
     (['--dropout=0.1', '--cd_dropout=0.2'], '--dropout', 'give one of them'),
     (['--lr=0.01', '--cd_lr=0.02'], '--cd_lr', 'give one of them'),
     (['--cd_P_std=2'], '--cd_P_std', "P_std has no effect with sampling_mode='vp'"),
+    (['--cd_loss=l2', '--cd_huber_c=0.01'], '--cd_huber_c', "pseudo_huber_c has no effect with loss_type='l2'"),
+    (['--cd_huber_delta=0.01'], '--cd_huber_delta', "huber_delta has no effect with loss_type='pseudo_huber'"),
+    (['--cd_huber_c=-1'], '--cd_huber_c', 'pseudo_huber_c must be >= 0'),
     (['--sampling_mode=uniform', '--terminal_anchor'], '--terminal_anchor', 'probability 1/S there'),
     (['--S=4', '--T_start=3'], '--T_start', 'cannot cover 4 student steps'),
     (['--cond=True', '--data={labelled}'], '--teacher', 'label dimension: teacher 0, data 10'),
@@ -294,6 +297,8 @@ def test_student_settings_under_either_name(data16, teacher16):
             ['--dropout=0.1', '--cd_dropout=0.1', '--cd_lr=0.003', '--decay=7']):
         c = config_for(*base, '--preset=cd-tiny-img16', *args)
         assert (c.network_kwargs.dropout, c.lr_kwargs.ref_lr, c.lr_kwargs.ref_batches) == (0.1, 0.003, 7), args
+    c = config_for(*base, '--preset=cd-tiny-img16', '--cd_huber_c=0.015')
+    assert c.loss_kwargs.pseudo_huber_c == 0.015 and 'huber_delta' not in c.loss_kwargs
     c = config_for(*base, '--preset=edm2-img64-m', '--duration=1Ki', '--batch=32')  # preset dropout 0.1 is the teacher's
     assert c.network_kwargs.dropout == 0.0 and c.network_kwargs.model_channels == 16
 

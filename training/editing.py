@@ -9,6 +9,8 @@ estimate keeps its unknown coefficients and takes the known ones from the refere
 so that every sampler of generate_images.py edits when it is given the replacing denoiser: the student's
 multistep sampler with fresh noise (Alg. 1, i.e. Alg. 4 on the student's S-node Karras grid) and EDM's
 Heun sampler of the teacher (the replacement applied to both of its denoiser evaluations per step).
+Optionally the estimate first follows reconstruction guidance (Ho et al. 2022) and every evaluation is
+resampled (Lugmayr et al. 2022), so that the generated part agrees with the known one.
 Interpolation moves along a great circle between two seeds' initial noises (slerp) and samples normally.
 
 Images are the network's tensors [N, C, H, W] (pixels in [-1, 1] for pixel-space models). Arithmetic of
@@ -59,6 +61,11 @@ class Replacement:
         known = self.known.to(x.device)
         return self.image(torch.where(known, self.coefficients(reference), self.coefficients(x)), x)
 
+    def known_residual(self, x, reference):
+        """k (A x - A y): how far the known coefficients of x are from the reference's (float64; 0 where unknown)."""
+        known = self.known.to(x.device)
+        return torch.where(known, self.coefficients(x) - self.coefficients(reference), 0)
+
     def known_part(self, reference):
         """A^T [(A y) k]: the reference with its unknown coefficients set to 0 (Alg. 4's first line)."""
         return self.replace(torch.zeros_like(reference), reference)
@@ -108,20 +115,44 @@ def latent_hole(hole, latent_resolution):
 #----------------------------------------------------------------------------
 # Editing and interpolation with any sampler of generate_images.py (sampler_fn(net, noise, labels, ...)).
 
-def replacing_denoiser(net, operator, reference):
-    """D'(x; sigma) = replace(D(x; sigma), y): the denoiser whose estimate has the reference's known part."""
+def replacing_denoiser(net, operator, reference, guidance=0, resample=1, randn_like=torch.randn_like):
+    """D'(x; sigma) = replace(D~(x; sigma), y): the denoiser whose estimate has the reference's known part.
+
+    guidance = 0 gives D~ = D (Alg. 4's plain replacement). guidance = w > 0 adds reconstruction guidance
+    (Ho et al. 2022, "Video Diffusion Models", eq. 7, with alpha = 1 in EDM's x = x_0 + sigma n):
+    D~ = D - (w / 2) grad_x |k * (A D(x; sigma) - A y)|^2, which also moves the unknown part with what the
+    network makes of the known one; the replacement alone leaves the two parts to agree by chance.
+    resample = R > 1 denoises R times at the same sigma, re-noising the replaced estimate in between
+    (x <- D'(x) + sigma z, the resampling of Lugmayr et al. 2022, "RePaint"), so that the parts can settle.
+    """
+    def denoise_once(x, sigma, class_labels):
+        if guidance == 0:
+            return operator.replace(net(x, sigma, class_labels), reference)
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            denoised = net(x, sigma, class_labels)
+            gradient, = torch.autograd.grad(operator.known_residual(denoised, reference).square().sum(), x)
+        return operator.replace(denoised.detach() - guidance / 2 * gradient, reference)
+
     def denoise(x, sigma, class_labels=None):
-        return operator.replace(net(x, sigma, class_labels), reference)
+        denoised = denoise_once(x, sigma, class_labels)
+        noise_level = torch.as_tensor(sigma, dtype=denoised.dtype, device=denoised.device).reshape(-1, 1, 1, 1)
+        for _ in range(resample - 1):
+            denoised = denoise_once(denoised + noise_level * randn_like(denoised), sigma, class_labels)
+        return denoised
     return denoise
 
 
-def edit(sampler_fn, net, noise, operator, reference, labels=None, **sampler_kwargs):
-    """Sample with the replacing denoiser from x = A^T[(A y) k] + sigma_max z (Alg. 4's start; the samplers
-    start from sigma_max times their `noise`). The result's known part is the reference's (the last step
-    of every sampler returns a replaced estimate)."""
+def edit(sampler_fn, net, noise, operator, reference, labels=None, guidance=0, resample=1, **sampler_kwargs):
+    """Sample with the replacing denoiser (reconstruction guidance weight `guidance`, `resample` denoisings per
+    evaluation) from x = A^T[(A y) k] + sigma_max z (Alg. 4's start; the samplers start from sigma_max times
+    their `noise`). The result's known part is the reference's (the last step of every sampler returns a
+    replaced estimate). Resampling draws its noise from the sampler's `randn_like`."""
     sigma_max = sampler_kwargs.get('sigma_max', inspect.signature(sampler_fn).parameters['sigma_max'].default)
     start = noise + operator.known_part(reference).to(noise.dtype) / sigma_max
-    return sampler_fn(net=replacing_denoiser(net, operator, reference), noise=start, labels=labels, **sampler_kwargs)
+    denoiser = replacing_denoiser(net, operator, reference, guidance, resample,
+                                  sampler_kwargs.get('randn_like', torch.randn_like))
+    return sampler_fn(net=denoiser, noise=start, labels=labels, **sampler_kwargs)
 
 
 def slerp(z0, z1, t):

@@ -49,6 +49,7 @@ EDM_SAMPLING_P_MEAN, EDM_SAMPLING_P_STD = -1.2, 1.2  # the log-normal of samplin
 TEACHER_SOLVERS = ('heun', 'ddim', 'addim')
 TEACHER_EVALUATIONS = dict(heun=2, ddim=1, addim=1)
 ADDIM_ETA = 0.75  # Heek et al. 2024's eta (xvar_frac) for the adjusted DDIM teacher
+HUBER_DELTA = PSEUDO_HUBER_C = 1e-4  # the reference's fixed constants of the two Huber distances
 
 
 def _refuse_unused(sampling_mode, **settings):
@@ -263,6 +264,10 @@ class EDMConsistencyDistillLoss:
         'sigma_max':            ('sigma_max', float, 'Highest noise level of the grids'),
         'cd_loss':              ('loss_type', LOSS_TYPES, 'Distance between prediction and target'),
         'cd_weight_mode':       ('weight_mode', tuple(LOSS_WEIGHTS), 'Per-sample weight of sigma_t'),
+        'cd_huber_c':           ('pseudo_huber_c', float, 'c of --cd_loss=pseudo_huber, sqrt(|delta|^2 + c^2) - c per sample '
+                                 f'[default: {PSEUDO_HUBER_C}]'),
+        'cd_huber_delta':       ('huber_delta', float, 'h of --cd_loss=huber, quadratic below h and linear above, per element '
+                                 f'[default: {HUBER_DELTA}]'),
         'sampling_mode':        ('sampling_mode', SAMPLING_MODES, 'How edges are drawn (vp, edm: importance weights; uniform: per segment)'),
         'cd_P_mean':            ('P_mean', float, f'Log-normal mean for --sampling_mode=edm [default: {EDM_SAMPLING_P_MEAN}]'),
         'cd_P_std':             ('P_std', float, f'Log-normal std for --sampling_mode=edm [default: {EDM_SAMPLING_P_STD}]'),
@@ -282,7 +287,7 @@ class EDMConsistencyDistillLoss:
     def __init__(self, teacher_net=None, teacher_pkl=None, teacher_sha256=None, S=8, T_start=256, T_end=1024,
             T_anneal_kimg=750, rho=7.0, sigma_min=0.002, sigma_max=80.0, loss_type='pseudo_huber',
             weight_mode='sqrt_karras', sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=None,
-            terminal_teacher_hop=False, P_mean=None, P_std=None, huber_delta=1e-4, pseudo_huber_c=1e-4,
+            terminal_teacher_hop=False, P_mean=None, P_std=None, huber_delta=None, pseudo_huber_c=None,
             report_stats=True, teacher_solver='heun', addim_eta=None, guide_net=None, guide_pkl=None, guide_sha256=None,
             guidance=1.0):
         _refuse_unused(sampling_mode, terminal_anchor=terminal_anchor, P_mean=P_mean, P_std=P_std)
@@ -290,6 +295,10 @@ class EDMConsistencyDistillLoss:
         if addim_eta is not None and teacher_solver in TEACHER_SOLVERS and teacher_solver != 'addim':
             raise dnnlib.UserError(f'consistency distillation: addim_eta has no effect with teacher_solver={teacher_solver!r}; '
                 'only teacher_solver=\'addim\' reads it', option='addim_eta')
+        for name, value, reader in [('huber_delta', huber_delta, 'huber'), ('pseudo_huber_c', pseudo_huber_c, 'pseudo_huber')]:
+            if value is not None and loss_type in LOSS_TYPES and loss_type != reader:
+                raise dnnlib.UserError(f'consistency distillation: {name} has no effect with loss_type={loss_type!r}; '
+                    f'only loss_type={reader!r} reads it', option=name)
         self.teacher_pkl, self.teacher_sha256 = teacher_pkl, teacher_sha256
         self.guide_pkl, self.guide_sha256, self.guidance = guide_pkl, guide_sha256, float(guidance)
         self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), float(T_anneal_kimg)
@@ -303,7 +312,8 @@ class EDMConsistencyDistillLoss:
         self.terminal_teacher_hop = bool(terminal_teacher_hop)
         self.teacher_solver = teacher_solver
         self.addim_eta = float(ADDIM_ETA if addim_eta is None else addim_eta)
-        self.huber_delta, self.pseudo_huber_c = float(huber_delta), float(pseudo_huber_c)
+        self.huber_delta = HUBER_DELTA if huber_delta is None else float(huber_delta)
+        self.pseudo_huber_c = PSEUDO_HUBER_C if pseudo_huber_c is None else float(pseudo_huber_c)
         self.report_stats = bool(report_stats)
         self._validate()
 
@@ -314,6 +324,7 @@ class EDMConsistencyDistillLoss:
         self._encoder = None        # the run's, for sampling the teacher as a validation baseline
         self._grid_cache = dict()   # (T, S, sigma_min, sigma_max, rho) -> float64 CPU grids
         self._device_grids = None   # (key, device, grids) of the last call
+        self._guided = None         # the guided teacher, built once per pair of networks (_denoiser)
         self._student_grid = None
         if teacher_net is not None:
             self.attach_teacher(teacher_net)
@@ -446,6 +457,9 @@ class EDMConsistencyDistillLoss:
             _student_grid=None)
         return state
 
+    def __setstate__(self, state):
+        self.__dict__.update(dict(_guided=None) | state)  # losses pickled before the guided cache existed
+
     def state_dict(self):
         return dict(hyperparameters=self.hyperparameters(), progress_kimg=self.progress_kimg,
             edge_counts=dict(self.edge_counts))
@@ -480,7 +494,7 @@ class EDMConsistencyDistillLoss:
         if self.guidance == 1:
             return self._teacher()
         teacher, guide = self._teacher(), self._check_frozen(self.guide_net, 'guide', 'attach_teacher(teacher_net, guide_net)')
-        guided = getattr(self, '_guided', None)  # built once per pair of networks: this is the hot path
+        guided = self._guided  # built once per pair of networks: this is the hot path
         if guided is None or guided.net is not teacher or guided.gnet is not guide:
             self._guided = guided = pretrained.GuidedDenoiser(teacher, guide, self.guidance)
         return guided
