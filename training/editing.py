@@ -136,9 +136,10 @@ def replacing_denoiser(net, operator, reference, guidance=0, resample=1, randn_l
 
     def denoise(x, sigma, class_labels=None):
         denoised = denoise_once(x, sigma, class_labels)
-        noise_level = torch.as_tensor(sigma, dtype=denoised.dtype, device=denoised.device).reshape(-1, 1, 1, 1)
-        for _ in range(resample - 1):
-            denoised = denoise_once(denoised + noise_level * randn_like(denoised), sigma, class_labels)
+        if resample > 1:  # every sampler calls this per evaluation: nothing extra without resampling
+            noise_level = torch.as_tensor(sigma, dtype=denoised.dtype, device=denoised.device).reshape(-1, 1, 1, 1)
+            for _ in range(resample - 1):
+                denoised = denoise_once(denoised + noise_level * randn_like(denoised), sigma, class_labels)
         return denoised
     return denoise
 
