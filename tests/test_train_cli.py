@@ -297,6 +297,11 @@ def test_student_settings_under_either_name(data16, teacher16):
             ['--dropout=0.1', '--cd_dropout=0.1', '--cd_lr=0.003', '--decay=7']):
         c = config_for(*base, '--preset=cd-tiny-img16', *args)
         assert (c.network_kwargs.dropout, c.lr_kwargs.ref_lr, c.lr_kwargs.ref_batches) == (0.1, 0.003, 7), args
+    for name in ('cd-edm2-img64-s', 'cd-edm2-img512-s'):  # the study's one-evaluation teacher step, carried over
+        c = config_for(*base, f'--preset={name}', '--batch=32')
+        assert (c.loss_kwargs.teacher_solver, c.lr_kwargs.ref_lr) == ('ddim', 0.001)
+        assert c.loss_kwargs.teacher_solver != config_for(*base, f'--preset={name}', '--batch=32',
+            '--teacher_solver=heun').loss_kwargs.teacher_solver
     c = config_for(*base, '--preset=cd-tiny-img16', '--cd_huber_c=0.015')
     assert c.loss_kwargs.pseudo_huber_c == 0.015 and 'huber_delta' not in c.loss_kwargs
     c = config_for(*base, '--preset=edm2-img64-m', '--duration=1Ki', '--batch=32')  # preset dropout 0.1 is the teacher's
