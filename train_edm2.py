@@ -54,7 +54,7 @@ PRESETS = {
     'edm2-img64-xl':    dict(channels=384, dropout=0.10, lr=0.0070, decay=35000, P_mean=-0.8, P_std=1.6, duration=640 << 20,  batch=2048),
     'tiny-img16':       dict(channels=32,  dropout=0.00, lr=0.0100, decay=500,   P_mean=-0.8, P_std=1.6, duration=32 << 10,  batch=32, rampup_Mimg=0.004, channel_mult=[1, 2], num_blocks=1, status=1 << 10, snapshot=8 << 10, checkpoint=16 << 10),
     'tiny-img32':       dict(channels=32,  dropout=0.00, lr=0.0100, decay=500,   P_mean=-0.8, P_std=1.6, duration=32 << 10,  batch=32, rampup_Mimg=0.004, channel_mult=[1, 2, 2], num_blocks=1, status=1 << 10, snapshot=8 << 10, checkpoint=16 << 10),
-    'cd-tiny-img16':    dict(method='cd', S=4, T_start=16, T_end=64, T_anneal_kimg=8, lr=0.004, decay=64, teacher_solver='ddim', duration=16 << 10, batch=32, rampup_Mimg=0.001, status=1 << 10, snapshot=4 << 10, checkpoint=8 << 10),
+    'cd-tiny-img16':    dict(method='cd', S=4, T_start=16, T_end=64, T_anneal_kimg=8, student_sigma_min=0.6, lr=0.004, decay=64, teacher_solver='ddim', duration=16 << 10, batch=32, rampup_Mimg=0.001, status=1 << 10, snapshot=4 << 10, checkpoint=8 << 10),
     'scd-tiny-img16':   dict(method='scd', scm_steps=2, scm_warmup_kimg=4, lr=0.002, decay=64, duration=16 << 10, batch=32, rampup_Mimg=0.001, status=1 << 10, snapshot=4 << 10, checkpoint=8 << 10),
     'cd-edm2-img64-s':  dict(method='cd', T_anneal_kimg=67109, lr=0.001, decay=0, teacher_solver='ddim', duration=128 << 20, batch=2048, rampup_Mimg=1),
     'cd-edm2-img512-s': dict(method='cd', T_anneal_kimg=67109, lr=0.001, decay=0, teacher_solver='ddim', duration=128 << 20, batch=2048, rampup_Mimg=1),

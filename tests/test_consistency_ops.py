@@ -149,6 +149,23 @@ def test_grids_on_fresh_configs_follow_the_rules():
             loop_partition(student.numpy(), teacher.numpy()))
 
 
+def test_a_higher_last_student_node_leaves_the_teacher_grid_reaching_sigma_min():
+    for S, T, last_node in [(4, 64, 0.6), (8, 33, 0.05), (2, 16, 1.0)]:
+        student, teacher, terminal_k = ops.build_student_teacher_grids(S, T, 0.002, 80, 7, student_sigma_min=last_node)
+        assert torch.equal(student, ops.make_edge_grid(S, last_node, 80, 7))
+        assert len(teacher) - 1 >= T and teacher[-1] == 0 and terminal_k == len(teacher) - 2
+        assert teacher[-2] == pytest.approx(0.002)
+        bounds = ops.partition_edges_by_sigma(student, teacher)
+        tops = teacher[:-1]
+        for j, (first, last) in enumerate(bounds.tolist()):
+            assert first <= last and ((tops[first:last + 1] > student[j + 1]) & (tops[first:last + 1] <= student[j])).all()
+        # The last segment runs from the last student node through all the low teacher edges to the terminal one.
+        assert bounds[-1, 1] == terminal_k and (tops[bounds[-1, 0]:] <= last_node).all() and tops[bounds[-1, 0] - 1] > last_node
+    default = ops.build_student_teacher_grids(4, 64, 0.002, 80, 7)
+    for got, expected in zip(ops.build_student_teacher_grids(4, 64, 0.002, 80, 7, student_sigma_min=0.002), default):
+        assert torch.equal(torch.as_tensor(got), torch.as_tensor(expected))
+
+
 def test_inflation_adds_one_edge_when_student_nodes_coincide():
     # For S = 8 (S-1 = 7 prime) all interior student nodes are teacher nodes exactly when 7 | (T-1).
     for T, T_eff in [(64, 65), (260, 261), (100, 100), (257, 257)]:

@@ -226,6 +226,35 @@ def test_teacher_solver_is_a_hyperparameter_and_old_states_mean_heun(tmp_path):
         EDMConsistencyDistillLoss(AnalyticTeacher(), teacher_solver='addim', addim_eta=0.5, **settings).load_state_dict(
             addim.state_dict())
 
+def test_a_higher_last_student_node_moves_the_student_grid_only(tmp_path):
+    settings = dict(S=4, T_start=16, T_end=16)
+    default, raised = EDMConsistencyDistillLoss(AnalyticTeacher(), **settings), EDMConsistencyDistillLoss(
+        AnalyticTeacher(), student_sigma_min=0.6, **settings)
+    assert default.student_sigma_min == default.sigma_min == 0.002
+    nodes = raised.student_sigmas()
+    assert torch.equal(nodes, consistency_ops.make_edge_grid(4, 0.6, 80, 7)) and nodes[-2] == pytest.approx(0.6)
+    grids = raised.grids(16)
+    assert grids.teacher[-2] == pytest.approx(0.002) and grids.terminal_k == grids.T_eff - 1
+    # Samplers and validation take the student's grid from the 'cd' entry; the teacher grid is the loss's own.
+    cd = raised.snapshot_entries()['cd']
+    assert cd.sigma_min == 0.6 and cd.student_sigmas == nodes.tolist() and cd.loss_kwargs['sigma_min'] == 0.002
+    assert raised.validation_baselines(heun=False)[0].sampler_kwargs['sigma_min'] == 0.6
+    # Every drawn edge ends at or above its segment's boundary, a student node; the last segment reaches 0.
+    torch.manual_seed(0)
+    edges, _ = raised.draw_edges(torch.zeros(4096, 1, 1, 1), grids)
+    assert set(edges['sigma_bdry'].unique().tolist()) <= set(nodes.tolist())
+    last = edges['step_j'] == 3
+    assert last.any() and (edges['sigma_t'][last] <= 0.6).all() and (edges['sigma_bdry'][last] == 0).all()
+    assert (edges['sigma_t'][edges['is_terminal']] == grids.teacher[-2]).all() and edges['is_terminal'][last].any()
+    loss = raised(AnalyticStudent(), torch.randn(64, 3, 8, 8))
+    assert torch.isfinite(loss).all()
+    # Training states from before the option had the student's last node at sigma_min.
+    state = default.state_dict()
+    del state['hyperparameters']['student_sigma_min']
+    EDMConsistencyDistillLoss(AnalyticTeacher(), **settings).load_state_dict(state)
+    with pytest.raises(dnnlib.UserError, match='student_sigma_min: checkpoint 0.002, now 0.6'):
+        EDMConsistencyDistillLoss(AnalyticTeacher(), student_sigma_min=0.6, **settings).load_state_dict(state)
+
 #----------------------------------------------------------------------------
 # Synchronised dropout and the in-place weight normalisation of EDM2 networks.
 
@@ -383,7 +412,7 @@ def test_checkpoint_restores_progress_and_refuses_other_settings(tmp_path):
     assert resumed.progress_kimg == 12.5 and resumed.edge_counts == loss_fn.edge_counts
     assert resumed.teacher_net is teacher
 
-    for change in [dict(S=2), dict(loss_type='l2'), dict(T_end=32), dict(teacher_solver='ddim')]:
+    for change in [dict(S=2), dict(loss_type='l2'), dict(T_end=32), dict(teacher_solver='ddim'), dict(student_sigma_min=0.5)]:
         other = EDMConsistencyDistillLoss(AnalyticTeacher(), **{**dict(S=4, T_start=8, T_end=16), **change})
         name = next(iter(change))
         with pytest.raises(ValueError, match=f'{name}: checkpoint'):
@@ -398,6 +427,8 @@ def test_checkpoint_restores_progress_and_refuses_other_settings(tmp_path):
     (dict(weight_mode='cosine'), "weight_mode must be one of .*'cosine'"),
     (dict(sampling_mode='lognormal'), "sampling_mode must be one of"),
     (dict(sigma_min=0), 'sigma_min'),
+    (dict(student_sigma_min=0.001), 'student_sigma_min'),
+    (dict(student_sigma_min=80), 'student_sigma_min'),
 ])
 def test_invalid_settings_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -79,11 +79,15 @@ def inflate_teacher_grid(student_sigmas, T, sigma_min, sigma_max, rho):
         raw += 1
 
 
-def build_student_teacher_grids(S, T, sigma_min, sigma_max, rho):
-    """(student grid of S edges, inflated teacher grid for target T, its terminal edge index), float64 CPU."""
+def build_student_teacher_grids(S, T, sigma_min, sigma_max, rho, student_sigma_min=None):
+    """(student grid of S edges, inflated teacher grid for target T, its terminal edge index), float64 CPU.
+
+    The student's last node is student_sigma_min (None: sigma_min); the teacher grid always runs down to
+    sigma_min, so a higher last student node leaves the teacher's low-noise edges in the last segment.
+    """
     if S < 1:
         raise ValueError(f'build_student_teacher_grids: the number of student steps S must be >= 1, got {S}')
-    student_sigmas = make_edge_grid(S, sigma_min, sigma_max, rho)
+    student_sigmas = make_edge_grid(S, sigma_min if student_sigma_min is None else student_sigma_min, sigma_max, rho)
     teacher_sigmas, terminal_k, _raw = inflate_teacher_grid(student_sigmas, T, sigma_min, sigma_max, rho)
     return student_sigmas, teacher_sigmas, terminal_k
 

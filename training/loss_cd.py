@@ -225,6 +225,9 @@ class EDMConsistencyDistillLoss:
                         the log-linear anneal over T_anneal_kimg thousand images (<= 0: T_end throughout).
                         The grid actually used can hold one edge more (T_eff, docs/algorithm.md §4).
     rho, sigma_min, sigma_max: Karras discretisation shared by the student and teacher grids.
+    student_sigma_min:  the student's last node, where its last step starts (None: sigma_min, as the reference).
+                        The teacher grid still ends at sigma_min; at small S a higher last node avoids spending
+                        a step on the nearly clean range below (docs/algorithm.md §4).
     loss_type:          'huber' (per element, threshold huber_delta), 'l2' (per element), 'l2_root' or
                         'pseudo_huber' (per sample; sqrt(|delta|^2 + c^2) - c with c = pseudo_huber_c).
     weight_mode:        lambda(sigma_t), one of LOSS_WEIGHTS; sqrt_karras is 1/c_out(sigma_t).
@@ -262,6 +265,8 @@ class EDMConsistencyDistillLoss:
         'rho':                  ('rho', float, 'Karras grid exponent'),
         'sigma_min':            ('sigma_min', float, 'Lowest noise level of the grids'),
         'sigma_max':            ('sigma_max', float, 'Highest noise level of the grids'),
+        'student_sigma_min':    ('student_sigma_min', float, 'Noise level of the student\'s last step, in [sigma_min, '
+                                 'sigma_max) [default: sigma_min]'),
         'cd_loss':              ('loss_type', LOSS_TYPES, 'Distance between prediction and target'),
         'cd_weight_mode':       ('weight_mode', tuple(LOSS_WEIGHTS), 'Per-sample weight of sigma_t'),
         'cd_huber_c':           ('pseudo_huber_c', float, 'c of --cd_loss=pseudo_huber, sqrt(|delta|^2 + c^2) - c per sample '
@@ -285,7 +290,7 @@ class EDMConsistencyDistillLoss:
     }
 
     def __init__(self, teacher_net=None, teacher_pkl=None, teacher_sha256=None, S=8, T_start=256, T_end=1024,
-            T_anneal_kimg=750, rho=7.0, sigma_min=0.002, sigma_max=80.0, loss_type='pseudo_huber',
+            T_anneal_kimg=750, rho=7.0, sigma_min=0.002, sigma_max=80.0, student_sigma_min=None, loss_type='pseudo_huber',
             weight_mode='sqrt_karras', sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=None,
             terminal_teacher_hop=False, P_mean=None, P_std=None, huber_delta=None, pseudo_huber_c=None,
             report_stats=True, teacher_solver='heun', addim_eta=None, guide_net=None, guide_pkl=None, guide_sha256=None,
@@ -303,6 +308,7 @@ class EDMConsistencyDistillLoss:
         self.guide_pkl, self.guide_sha256, self.guidance = guide_pkl, guide_sha256, float(guidance)
         self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), float(T_anneal_kimg)
         self.rho, self.sigma_min, self.sigma_max = float(rho), float(sigma_min), float(sigma_max)
+        self.student_sigma_min = float(sigma_min if student_sigma_min is None else student_sigma_min)
         self.loss_type, self.weight_mode, self.sigma_data = loss_type, weight_mode, float(sigma_data)
         self.sampling_mode = sampling_mode
         self.P_mean = float(EDM_SAMPLING_P_MEAN if P_mean is None else P_mean)
@@ -322,7 +328,7 @@ class EDMConsistencyDistillLoss:
         self.teacher_net = None
         self.guide_net = None if guide_net is None else _frozen(guide_net)
         self._encoder = None        # the run's, for sampling the teacher as a validation baseline
-        self._grid_cache = dict()   # (T, S, sigma_min, sigma_max, rho) -> float64 CPU grids
+        self._grid_cache = dict()   # (T, S, sigma_min, sigma_max, rho, student_sigma_min) -> float64 CPU grids
         self._device_grids = None   # (key, device, grids) of the last call
         self._guided = None         # the guided teacher, built once per pair of networks (_denoiser)
         self._student_grid = None
@@ -340,6 +346,8 @@ class EDMConsistencyDistillLoss:
         require(self.rho > 0, 'rho', f'rho must be positive, got {self.rho}')
         require(0 < self.sigma_min < self.sigma_max, 'sigma_min', f'expected 0 < sigma_min < sigma_max, '
             f'got sigma_min={self.sigma_min}, sigma_max={self.sigma_max}')
+        require(self.sigma_min <= self.student_sigma_min < self.sigma_max, 'student_sigma_min', f'expected sigma_min = '
+            f'{self.sigma_min} <= student_sigma_min < sigma_max = {self.sigma_max}, got {self.student_sigma_min}')
         require(self.sigma_data > 0, 'sigma_data', f'sigma_data must be positive, got {self.sigma_data}')
         require(self.loss_type in LOSS_TYPES, 'loss_type', f'loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}')
         require(self.weight_mode in LOSS_WEIGHTS, 'weight_mode',
@@ -355,7 +363,7 @@ class EDMConsistencyDistillLoss:
 
     def hyperparameters(self):
         """The settings that define the objective; a resumed run must use the same ones."""
-        names = ('S', 'T_start', 'T_end', 'T_anneal_kimg', 'rho', 'sigma_min', 'sigma_max', 'loss_type',
+        names = ('S', 'T_start', 'T_end', 'T_anneal_kimg', 'rho', 'sigma_min', 'sigma_max', 'student_sigma_min', 'loss_type',
             'weight_mode', 'sigma_data', 'sampling_mode', 'P_mean', 'P_std', 'sync_dropout', 'terminal_anchor',
             'terminal_teacher_hop', 'huber_delta', 'pseudo_huber_c', 'teacher_solver', 'addim_eta', 'guidance')
         return {name: getattr(self, name) for name in names}
@@ -438,7 +446,7 @@ class EDMConsistencyDistillLoss:
 
     def _baselines(self, network, net, heun):
         data = dict(ema=net, encoder=self._encoder)
-        grid = dict(num_steps=self.S, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
+        grid = dict(num_steps=self.S, sigma_min=self.student_sigma_min, sigma_max=self.sigma_max, rho=self.rho)
         baselines = [dnnlib.EasyDict(network=network, data=data, sampler='euler', sampler_kwargs=grid)]
         if heun:
             baselines.append(dnnlib.EasyDict(network=network, data=data, sampler='heun', sampler_kwargs={}))
@@ -446,7 +454,7 @@ class EDMConsistencyDistillLoss:
 
     def snapshot_entries(self):
         """The 'cd' entry of student snapshots: what generate_images.py needs to sample in S steps."""
-        return dict(cd=dnnlib.EasyDict(S=self.S, sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho,
+        return dict(cd=dnnlib.EasyDict(S=self.S, sigma_min=self.student_sigma_min, sigma_max=self.sigma_max, rho=self.rho,
             student_sigmas=self.student_sigmas().tolist(), teacher=str(self.teacher_pkl),
             guide=None if self.guide_pkl is None else str(self.guide_pkl), guidance=self.guidance,
             loss_kwargs=self.hyperparameters()))
@@ -467,7 +475,8 @@ class EDMConsistencyDistillLoss:
     def load_state_dict(self, state):
         """Restore progress and edge counters; the teacher and hyperparameters stay as constructed."""
         # States written before a setting existed were made with the behaviour its default keeps.
-        saved, current = {**_SETTINGS_ADDED_LATER, **state['hyperparameters']}, self.hyperparameters()
+        saved = {**_SETTINGS_ADDED_LATER, 'student_sigma_min': state['hyperparameters'].get('sigma_min'), **state['hyperparameters']}
+        current = self.hyperparameters()
         differing = [f'{name}: checkpoint {saved.get(name, "<missing>")!r}, now {current.get(name, "<missing>")!r}'
             for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
         if differing:
@@ -514,22 +523,22 @@ class EDMConsistencyDistillLoss:
         return consistency_ops.annealed_teacher_edges(self.progress_kimg, self.T_start, self.T_end, self.T_anneal_kimg)
 
     def student_sigmas(self, device=torch.device('cpu')):
-        """Student grid (S Karras nodes, then 0), float64 on `device`."""
+        """Student grid (S Karras nodes from sigma_max to student_sigma_min, then 0), float64 on `device`."""
         device = torch.device(device)
         if self._student_grid is None or self._student_grid.device != device:
-            self._student_grid = consistency_ops.make_edge_grid(self.S, self.sigma_min, self.sigma_max, self.rho).to(device)
+            self._student_grid = consistency_ops.make_edge_grid(self.S, self.student_sigma_min, self.sigma_max, self.rho).to(device)
         return self._student_grid
 
     def grids(self, T, device=torch.device('cpu')):
         """Student grid, teacher grid for target T, terminal edge index, segment bounds and T_eff on `device`."""
-        key = (int(T), self.S, self.sigma_min, self.sigma_max, self.rho)
+        key = (int(T), self.S, self.sigma_min, self.sigma_max, self.rho, self.student_sigma_min)
         device = torch.device(device)
         if self._device_grids is not None and self._device_grids[:2] == (key, device):
             return self._device_grids[2]
         cpu = self._grid_cache.get(key)
         if cpu is None:
             student, teacher, terminal_k = consistency_ops.build_student_teacher_grids(
-                self.S, int(T), self.sigma_min, self.sigma_max, self.rho)
+                self.S, int(T), self.sigma_min, self.sigma_max, self.rho, self.student_sigma_min)
             bounds = consistency_ops.partition_edges_by_sigma(student, teacher)
             cpu = dnnlib.EasyDict(student=student, teacher=teacher, terminal_k=terminal_k, bounds=bounds,
                 T_eff=len(teacher) - 1)
