@@ -42,7 +42,7 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 # quality-vs-steps.png shows: the teacher with Euler and with Heun, and the student besides its own S.
 
 CONFIGS = {
-    'full': dnnlib.EasyDict(max_images=None, teacher_duration='32Ki', student_duration='16Ki', status='2Ki',
+    'full': dnnlib.EasyDict(max_images=None, teacher_duration='32Ki', student_duration='20Ki', status='2Ki',
         cd_options=[], classifier_epochs=10, batch=128,
         euler_steps=[1, 2, 4, 8, 16], heun_steps=[2, 4, 8, 16, 32], student_steps=[1, 2, 8]),
     'quick': dnnlib.EasyDict(max_images=200, teacher_duration='1Ki', student_duration='1Ki', status='1Ki',
@@ -339,6 +339,13 @@ def table_rows(real, points, S):
     return rows
 
 
+def student_verdict(rows):
+    """One line: the student's FD_digits as a multiple of the teacher's Heun FD_digits (rows of table_rows())."""
+    teacher, student = rows[1], rows[3]
+    return (f'{student.name}: FD_digits {student.fd:.2f} = {student.fd / teacher.fd:.3f} x that of '
+            f'{teacher.name} ({teacher.fd:.2f}), with {student.nfe} instead of {teacher.nfe} network evaluations')
+
+
 def format_points(points):
     lines = ['| images | sampler | steps | NFE | FD_digits | from | confidence | class agreement |',
              '|---|---|---:|---:|---:|---|---:|---:|']
@@ -383,6 +390,8 @@ digits: the classifier's accuracy); both are measured on the same seeds (0-{rows
 sampled again here.
 
 {format_table(rows)}
+
+{student_verdict(rows)}.
 
 ## FD_digits against network evaluations
 
@@ -481,6 +490,7 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     total_seconds = time.time() - started
     write_report(os.path.join(outdir, 'results.md'), rows, points, validation, plot_files, timings, total_seconds, c, S, seed)
     print(format_table(rows))
+    print(f'\n{student_verdict(rows)}')
     print(f'\n{format_timings(timings)}\n\nTotal {dnnlib.util.format_time(total_seconds)}. '
           f'Table, figure and curves: {os.path.join(outdir, "results.md")}', flush=True)
 

@@ -44,7 +44,7 @@ SETTINGS = {
         phema_stds=[0.05, 0.1], steps_sweep=[2]),
 }
 
-BASELINE = ['--cd_lr=0.002', '--cd_decay=0', '--teacher_solver=heun']
+BASELINE = ['--cd_lr=0.002', '--cd_decay=0', '--teacher_solver=heun', '--student_sigma_min=0.002']
 
 CONFIGS = {
     'baseline':          [],

@@ -195,6 +195,10 @@ def test_quickstart_end_to_end(tmp_path):
                 'student, 2 steps': student_rows[1]}
     assert list(table) == ['real held-out digits', *expected]
     assert table_lines(result.stdout) == table
+    ratio = student_rows[1]['value'] / teacher_rows[0]['value']
+    verdict = (f'student, 2 steps: FD_digits {student_rows[1]["value"]:.2f} = {ratio:.3f} x that of teacher Heun, '
+               f'32 steps ({teacher_rows[0]["value"]:.2f}), with 2 instead of 63 network evaluations')
+    assert verdict in result.stdout.splitlines() and f'{verdict}.' in results.splitlines()
     for name, row in expected.items():
         assert table[name][1:4] == [str(row['nfe']), str(num), f'{row["value"]:.2f}']
     points = {p.tag: json.loads((outdir / 'samples' / f'{p.tag}.json').read_text()) for p in quickstart.sample_points(c, 2)}
