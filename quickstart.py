@@ -442,7 +442,7 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     """Train a digits teacher, distil an S-step student and compare their samples.
 
     \b
-    Example (about 9 minutes on 2 idle CPU cores):
+    Example (about 9.5 minutes on 2 idle CPU cores):
       python3 quickstart.py --outdir=quickstart-run
     """
     c = dnnlib.EasyDict(CONFIGS['quick' if quick else 'full'])

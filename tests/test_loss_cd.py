@@ -254,6 +254,11 @@ def test_a_higher_last_student_node_moves_the_student_grid_only(tmp_path):
     EDMConsistencyDistillLoss(AnalyticTeacher(), **settings).load_state_dict(state)
     with pytest.raises(dnnlib.UserError, match='student_sigma_min: checkpoint 0.002, now 0.6'):
         EDMConsistencyDistillLoss(AnalyticTeacher(), student_sigma_min=0.6, **settings).load_state_dict(state)
+    # So had losses pickled before it.
+    old_pickle = {name: value for name, value in default.__getstate__().items() if name != 'student_sigma_min'}
+    unpickled = EDMConsistencyDistillLoss.__new__(EDMConsistencyDistillLoss)
+    unpickled.__setstate__(old_pickle)
+    assert unpickled.student_sigma_min == 0.002 and torch.equal(unpickled.student_sigmas(), default.student_sigmas())
 
 #----------------------------------------------------------------------------
 # Synchronised dropout and the in-place weight normalisation of EDM2 networks.

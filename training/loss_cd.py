@@ -227,7 +227,7 @@ class EDMConsistencyDistillLoss:
     rho, sigma_min, sigma_max: Karras discretisation shared by the student and teacher grids.
     student_sigma_min:  the student's last node, where its last step starts (None: sigma_min, as the reference).
                         The teacher grid still ends at sigma_min; at small S a higher last node avoids spending
-                        a step on the nearly clean range below (docs/algorithm.md §4).
+                        a step on the nearly clean range below (docs/algorithm.md §3).
     loss_type:          'huber' (per element, threshold huber_delta), 'l2' (per element), 'l2_root' or
                         'pseudo_huber' (per sample; sqrt(|delta|^2 + c^2) - c with c = pseudo_huber_c).
     weight_mode:        lambda(sigma_t), one of LOSS_WEIGHTS; sqrt_karras is 1/c_out(sigma_t).
@@ -466,7 +466,8 @@ class EDMConsistencyDistillLoss:
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(dict(_guided=None) | state)  # losses pickled before the guided cache existed
+        # Losses pickled before the guided cache and the student's own last node existed.
+        self.__dict__.update(dict(_guided=None, student_sigma_min=state.get('sigma_min')) | state)
 
     def state_dict(self):
         return dict(hyperparameters=self.hyperparameters(), progress_kimg=self.progress_kimg,
