@@ -9,6 +9,7 @@ import os
 import pytest
 
 import helpers
+import train_edm2
 
 
 def read_rows(run_dir):
@@ -51,9 +52,11 @@ def test_validation_equals_generate_then_calc(val_setup):
         '--metrics=fid', '--num=24', '--workers=0', f'--detector={fid}')
     assert math.isclose(helpers.printed_value(result.stdout, 'fid'), trained[-1]['value'], rel_tol=1e-5)  # printed with 6 digits
 
-    # The teacher's Euler baseline is the teacher sampled on the student's grid.
+    # The teacher's Euler baseline is the teacher sampled on the student's grid (the preset raises its last node).
+    cd = helpers.load_pickle(snapshot)['cd']
+    assert cd.sigma_min == train_edm2.PRESETS['cd-tiny-img16']['student_sigma_min']
     helpers.run_script('generate_images.py', f'--net={teacher}', f'--outdir={root / "teacher"}', '--seeds=0-23',
-        '--sampler=euler', '--steps=4')
+        '--sampler=euler', '--steps=4', f'--sigma_min={cd.sigma_min}', f'--sigma_max={cd.sigma_max}', f'--rho={cd.rho}')
     result = helpers.run_script('calculate_metrics.py', 'calc', f'--images={root / "teacher"}', f'--ref={root / "ref.pkl"}',
         '--metrics=fid', '--num=24', '--workers=0', f'--detector={fid}')
     assert math.isclose(helpers.printed_value(result.stdout, 'fid'), baselines[0]['value'], rel_tol=1e-5)
