@@ -226,7 +226,8 @@ def test_teacher_solver_is_a_hyperparameter_and_old_states_mean_heun(tmp_path):
         EDMConsistencyDistillLoss(AnalyticTeacher(), teacher_solver='addim', addim_eta=0.5, **settings).load_state_dict(
             addim.state_dict())
 
-def test_a_higher_last_student_node_moves_the_student_grid_only(tmp_path):
+
+def test_a_higher_last_student_node_moves_the_student_grid_only():
     settings = dict(S=4, T_start=16, T_end=16)
     default, raised = EDMConsistencyDistillLoss(AnalyticTeacher(), **settings), EDMConsistencyDistillLoss(
         AnalyticTeacher(), student_sigma_min=0.6, **settings)
