@@ -4,10 +4,11 @@ Builds the scikit-learn digits dataset and trains a small digit classifier on 75
 (training/digit_features.py). The classifier's penultimate features are the FD_digits metric, used
 through calculate_metrics as any feature network given as a file (`--detector fd_digits=PKL`):
 the reference statistics of the training-split digits are computed as `calculate_metrics.py ref`
-computes them, and the teacher (EDM2) and the S-step student (consistency distillation) train with
-validation on, so that the student run's metrics-val.jsonl holds the student-vs-teacher table. The
-teacher and the student are then sampled at several step counts, in-process with generate_images, for
-a quality-vs-steps figure and for the classifier's confidence and class agreement. Writes sample
+computes them. The teacher (EDM2) trains, then the S-step student (consistency distillation) trains
+with validation on, so that its metrics-val.jsonl holds the student and the teacher's S-step Euler
+baseline. The teacher and the student are then sampled at several step counts, in-process with
+generate_images and measured with calculate_metrics' code (as validation measures), for the teacher's
+Heun row, a quality-vs-steps figure and the classifier's confidence and class agreement. Writes sample
 grids, the run curves (training.plots), the figure and results.md with the table. Rerunning with the
 same --outdir skips finished stages and resumes unfinished training.
 """
@@ -178,19 +179,20 @@ def first_teacher_edges(c):
 
 
 def train_models(paths, c, S, seed, num_val, timings):
-    """Teacher (plain EDM2 training), then the S-step student distilled from it (CD mode), both validated on
-    FD_digits at their final snapshot (the only one they write)."""
+    """Teacher (plain EDM2 training), then the S-step student distilled from it (CD mode), validated on
+    FD_digits at its final snapshot (the only one it writes). The teacher is not validated: its Heun row
+    comes from sample_all(), which samples it anyway and would repeat the same images."""
     common = [f'--data={paths.dataset}', f'--seed={seed}', f'--status={c.status}']
     validation = [f'--val_ref={paths.refs}', f'--val_metrics={METRIC}', f'--detector={METRIC}={paths.detector}',
         f'--val_num={num_val}', f'--val_batch={c.batch}', f'--val_std={EMA_STD}', '--val_every=1']
     run_stage(timings, 'teacher', paths.teacher, lambda: run_script('train_edm2.py', f'--outdir={paths.teacher_dir}',
         *common, '--preset=tiny-img16', f'--duration={c.teacher_duration}', f'--snapshot={c.teacher_duration}',
-        f'--checkpoint={c.teacher_duration}', *validation))
+        f'--checkpoint={c.teacher_duration}'))
     run_stage(timings, f'student (S={S})', paths.student, lambda: run_script('train_edm2.py',
         f'--outdir={paths.student_dir}', *common, '--preset=cd-tiny-img16', f'--teacher={paths.teacher}', f'--S={S}',
         *c.cd_options,
         f'--duration={c.student_duration}', f'--snapshot={c.student_duration}', f'--checkpoint={c.student_duration}',
-        *validation, '--no_val_heun'))  # the teacher run has measured the teacher with Heun already
+        *validation, '--no_val_heun'))  # sample_all() measures the teacher's Heun
 
 #----------------------------------------------------------------------------
 # Validation rows and sampled points.
@@ -295,22 +297,20 @@ def sample_all(paths, c, S, num_images, timings):
 
 def attach_validation(points, paths, S):
     """Give the points that validation measured their FD_digits value (the one the figure and table show): the
-    teacher's Heun row of the teacher run (its own final snapshot), the teacher's Euler baseline and the
-    student's final snapshot of the student run."""
-    student_rows, teacher_rows = read_validation(paths.student_dir), read_validation(paths.teacher_dir)
+    teacher's Euler baseline and the student's final snapshot of the student run; the others keep the value
+    measured in-process. Returns the student run's validation rows."""
+    rows = read_validation(paths.student_dir)
+    where = f'{paths.student_dir}/'
     measured = {
-        ('teacher', 'heun', HEUN_STEPS): (paths.teacher_dir, validation_row(teacher_rows, 'trained', 'heun', HEUN_STEPS,
-            snapshot=os.path.basename(paths.teacher), where=f'{paths.teacher_dir}/')),
-        ('teacher', 'euler', S): (paths.student_dir, validation_row(student_rows, 'teacher', 'euler', S,
-            where=f'{paths.student_dir}/')),
-        ('student', 'euler', S): (paths.student_dir, validation_row(student_rows, 'trained', 'euler', S,
-            snapshot=os.path.basename(paths.student), where=f'{paths.student_dir}/'))}
+        ('teacher', 'euler', S): validation_row(rows, 'teacher', 'euler', S, where=where),
+        ('student', 'euler', S): validation_row(rows, 'trained', 'euler', S, snapshot=os.path.basename(paths.student),
+            where=where)}
     for p in points:
-        run_dir, row = measured.get((p.network, p.sampler, p.steps), (None, None))
+        row = measured.get((p.network, p.sampler, p.steps))
         p.value = p.fd if row is None else row['value']
-        p.source = 'in-process' if row is None else f'{os.path.basename(run_dir)}/{VALIDATION_FILE}'
+        p.source = 'in-process' if row is None else f'{os.path.basename(paths.student_dir)}/{VALIDATION_FILE}'
         p.validation = row
-    return dict(student=student_rows, teacher=teacher_rows)
+    return rows
 
 #----------------------------------------------------------------------------
 # Report.
@@ -327,14 +327,15 @@ def format_table(rows):
 
 
 def table_rows(real, points, S):
-    """The real held-out digits, then teacher Heun (32 steps), teacher Euler (S) and student (S): the rows of
-    validation, with their FD_digits from metrics-val.jsonl."""
+    """The real held-out digits, then teacher Heun (32 steps, measured in-process), teacher Euler (S) and
+    student (S) (the student run's validation rows, with their FD_digits from metrics-val.jsonl)."""
     wanted = [('teacher', 'heun', HEUN_STEPS), ('teacher', 'euler', S), ('student', 'euler', S)]
     by_key = {(p.network, p.sampler, p.steps): p for p in points}
     rows = [real]
     for key in wanted:
         p = by_key[key]
-        rows.append(dnnlib.EasyDict(name=p.name, nfe=p.nfe, num_images=p.validation['images'], fd=p.validation['value'],
+        num_images = p.num_images if p.validation is None else p.validation['images']
+        rows.append(dnnlib.EasyDict(name=p.name, nfe=p.nfe, num_images=num_images, fd=p.value,
             confidence=p.confidence, agreement=p.agreement))
     return rows
 
@@ -381,10 +382,10 @@ S = {S}; teacher {c.teacher_duration} images, student {c.student_duration} image
 
 FD_digits is the Fréchet distance between the digit classifier's penultimate-layer features
 (`digit-features.pkl`, `--detector {METRIC}=digit-features.pkl`) of the images and of the real
-training-split digits (`refs-digits.pkl`); it is not FID. The sampler rows are validation rows computed by
-train_edm2.py with calculate_metrics: teacher Heun from the teacher run (`teacher/{VALIDATION_FILE}`, its
-final snapshot), teacher Euler (the baseline) and the student's final snapshot from the student run
-(`student/{VALIDATION_FILE}`); the real row uses the same functions. Confidence: mean top-class
+training-split digits (`refs-digits.pkl`); it is not FID. Teacher Euler (the baseline) and the student's
+final snapshot are validation rows of the student run (`student/{VALIDATION_FILE}`, computed by
+train_edm2.py with calculate_metrics); teacher Heun and the real row are measured here with the same
+functions. Confidence: mean top-class
 probability. Class agreement: fraction classified as the class the sample was conditioned on (for real
 digits: the classifier's accuracy); both are measured on the same seeds (0-{rows[0].num_images - 1}),
 sampled again here.
@@ -413,8 +414,7 @@ Sample grids: {grids}.
 
 {format_timings(timings)}
 
-Validation inside the training stages: teacher {validation_seconds(validation["teacher"]):.1f} s, student
-{validation_seconds(validation["student"]):.1f} s (baselines included).
+Validation inside the student's training stage: {validation_seconds(validation):.1f} s (baseline included).
 '''
     with open(path, 'wt', encoding='utf-8') as f:
         f.write(text)
