@@ -262,10 +262,12 @@ def test_interpolation_endpoints_are_the_seeds_samples(tmp_path, kind):
     assert list(frames) == [(a, b, k) for a, b in [(5, 9), (1, 2)] for k in range(4)]
     plain = {seed: image for r in generate_images.generate_images(path, seeds=seeds, verbose=False, device='cpu', **kwargs)
              for seed, image in zip(r.seeds, r.images.numpy())}
+    # Other batch layouts may pick other CPU kernels: a pixel that rounds at x.5 can then differ by one level.
+    same = lambda x, y: np.abs(x.astype(int) - y).max() <= 1
     for a, b in [(5, 9), (1, 2)]:
-        assert np.array_equal(frames[a, b, 0], plain[a]) and np.array_equal(frames[a, b, 3], plain[b])
-        assert not np.array_equal(frames[a, b, 1], plain[a]) and not np.array_equal(frames[a, b, 1], plain[b])
-    assert np.array_equal(read_png(tmp_path / 'out' / '000001-000002-03.png'), plain[2])
+        assert same(frames[a, b, 0], plain[a]) and same(frames[a, b, 3], plain[b])
+        assert not same(frames[a, b, 1], plain[a]) and not same(frames[a, b, 1], plain[b])
+    assert same(read_png(tmp_path / 'out' / '000001-000002-03.png'), plain[2])
 
 #----------------------------------------------------------------------------
 # Command line.
