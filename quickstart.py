@@ -334,8 +334,7 @@ def table_rows(real, points, S):
     rows = [real]
     for key in wanted:
         p = by_key[key]
-        num_images = p.num_images if p.validation is None else p.validation['images']
-        rows.append(dnnlib.EasyDict(name=p.name, nfe=p.nfe, num_images=num_images, fd=p.value,
+        rows.append(dnnlib.EasyDict(name=p.name, nfe=p.nfe, num_images=p.num_images, fd=p.value,
             confidence=p.confidence, agreement=p.agreement))
     return rows
 
@@ -385,10 +384,9 @@ FD_digits is the Fréchet distance between the digit classifier's penultimate-la
 training-split digits (`refs-digits.pkl`); it is not FID. Teacher Euler (the baseline) and the student's
 final snapshot are validation rows of the student run (`student/{VALIDATION_FILE}`, computed by
 train_edm2.py with calculate_metrics); teacher Heun and the real row are measured here with the same
-functions. Confidence: mean top-class
-probability. Class agreement: fraction classified as the class the sample was conditioned on (for real
-digits: the classifier's accuracy); both are measured on the same seeds (0-{rows[0].num_images - 1}),
-sampled again here.
+functions. Confidence: mean top-class probability. Class agreement: fraction classified as the class the
+sample was conditioned on (for real digits: the classifier's accuracy); both are measured on the same
+seeds (0-{rows[0].num_images - 1}), sampled again here.
 
 {format_table(rows)}
 
