@@ -305,6 +305,9 @@ def setup_training_config(preset='edm2-img512-s', method=None, **opts):
     for key, value in {**DEFAULT_INTERVALS, **PRESETS[preset]}.items():
         if opts.get(key) is None and (key not in METHOD_OPTIONS or method in METHOD_OPTIONS[key].methods):
             opts[key] = value
+    if 'student_sigma_min' in given and opts.get('S') == 1:
+        raise click.BadParameter('with --S=1 the student samples in one step from sigma_max, so it has no last node '
+            'to move; leave out --student_sigma_min', param_hint='--student_sigma_min')
 
     c = dnnlib.EasyDict()
     c.dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=opts.data, use_labels=opts.cond)

@@ -275,6 +275,7 @@ def test_method_option_errors_name_the_method_the_preset_chose(data16, teacher16
     (['--S=4', '--T_start=3'], '--T_start', 'cannot cover 4 student steps'),
     (['--student_sigma_min=80'], '--student_sigma_min', 'student_sigma_min < sigma_max = 80.0, got 80.0'),
     (['--sigma_min=0.7'], '--student_sigma_min', 'sigma_min = 0.7 <= student_sigma_min'),
+    (['--S=1', '--student_sigma_min=0.5'], '--student_sigma_min', 'with --S=1 the student samples in one step'),
     (['--cond=True', '--data={labelled}'], '--teacher', 'label dimension: teacher 0, data 10'),
     (['--teacher={empty}'], '--teacher', 'is empty or truncated'),
     (['--teacher={missing}'], '--teacher', 'does not exist'),
@@ -297,6 +298,7 @@ def test_student_settings_under_either_name(data16, teacher16):
     assert c.loss_kwargs.teacher_solver == preset['teacher_solver'] == 'ddim'  # the recipe study's choices
     assert c.loss_kwargs.student_sigma_min == preset['student_sigma_min'] == 0.6
     assert config_for(*base, '--preset=cd-tiny-img16', '--student_sigma_min=0.002').loss_kwargs.student_sigma_min == 0.002
+    assert config_for(*base, '--preset=cd-tiny-img16', '--S=1').loss_kwargs.S == 1  # the preset's last node is not refused
     for args in (['--dropout=0.1', '--lr=0.003', '--decay=7'], ['--cd_dropout=0.1', '--cd_lr=0.003', '--cd_decay=7'],
             ['--dropout=0.1', '--cd_dropout=0.1', '--cd_lr=0.003', '--decay=7']):
         c = config_for(*base, '--preset=cd-tiny-img16', *args)
