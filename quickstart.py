@@ -50,9 +50,6 @@ CONFIGS = {
         cd_options=['--T_start=8', '--T_end=8', '--T_anneal_kimg=0'], classifier_epochs=5, batch=128,
         euler_steps=[1], heun_steps=[2], student_steps=[1]),
 }
-# Added to the preset's recipe (tuned at S = 4) for a 2-step student: the Heun teacher step and a last node
-# at sigma = 1 distil it better (docs/results.md, "The 2-step student").
-TWO_STEP_OPTIONS = ['--teacher_solver=heun', '--student_sigma_min=1.0']
 EMA_STD = '0.100'   # the post-hoc EMA profile taken from both training runs (and validated)
 HELD_OUT_FRACTION = 0.25
 METRIC = 'fd_digits'
@@ -193,7 +190,7 @@ def train_models(paths, c, S, seed, num_val, timings):
         f'--checkpoint={c.teacher_duration}'))
     run_stage(timings, f'student (S={S})', paths.student, lambda: run_script('train_edm2.py',
         f'--outdir={paths.student_dir}', *common, '--preset=cd-tiny-img16', f'--teacher={paths.teacher}', f'--S={S}',
-        *(TWO_STEP_OPTIONS if S == 2 else []), *c.cd_options,
+        *c.cd_options,
         f'--duration={c.student_duration}', f'--snapshot={c.student_duration}', f'--checkpoint={c.student_duration}',
         *validation, '--no_val_heun'))  # sample_all() measures the teacher's Heun
 
