@@ -224,7 +224,8 @@ def _resolve_aliases(opts, given):
 
 def _check_architecture(network_kwargs, resolution, preset, path):
     """Refuse data that the U-Net cannot run at, before anything is built."""
-    unet_defaults = inspect.signature(networks_edm2.UNet).parameters
+    # Unwrapped: not every Python follows a persistent class's __wrapped__ to the U-Net's own signature (3.12.3 does not).
+    unet_defaults = inspect.signature(inspect.unwrap(networks_edm2.UNet)).parameters
     channel_mult = network_kwargs.get('channel_mult', unet_defaults['channel_mult'].default)
     problem = networks_edm2.unet_resolution_problem(resolution, channel_mult)
     if problem is not None:

@@ -185,7 +185,7 @@ def breakdown_part(name):
 def event_seconds(event, device):
     """Time of a profiler event and everything under it: host wall time on CPU, kernel time on CUDA."""
     if device.type == 'cuda':
-        return getattr(event, 'device_time_total', None) or getattr(event, 'cuda_time_total', 0) or 0
+        return event.device_time_total
     return event.cpu_time_total
 
 
@@ -398,6 +398,11 @@ def describe_device(device):
 SOLVER_NAMES = dict(heun='Heun', ddim='DDIM', addim='aDDIM')  # as the breakdown row names the teacher's hop
 
 
+def progress(message):
+    """A stage line on stderr, so that a slow or stopped run shows how far it got."""
+    print(f'[{time.strftime("%H:%M:%S")}] {message} ...', file=sys.stderr, flush=True)
+
+
 def load_average():
     return '/'.join(f'{value:.2f}' for value in os.getloadavg())
 
@@ -537,10 +542,13 @@ def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed, teache
         peaks = cpu_step_peaks_in_fresh_process(build_kwargs, seed)
         config.memory_method = 'RSS high-water mark'
     setup = build_setup(**build_kwargs)
+    progress(f'timing {warmup} + {reps} reps of the plain, CD and sCD steps')
     training = time_training(setup, seed, warmup, reps)
     syncs = host_syncs(setup, seed, 0)
+    progress(f'timing {warmup} + {reps} reps of the sampler')
     sampling = time_sampling(setup, S, seed, warmup, reps)
     if device.type == 'cuda':
+        progress('measuring step memory')
         peaks = step_peaks(setup, seed, cuda_step_peak)
         config.memory_method = 'max_memory_allocated'
     print_report(setup, config, training, syncs, sampling, peaks)

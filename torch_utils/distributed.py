@@ -7,6 +7,7 @@ import socket
 import time
 import uuid
 
+import click
 import torch
 
 import dnnlib
@@ -32,12 +33,16 @@ def init():
         os.environ.setdefault('LOCAL_RANK', '0')
         os.environ.setdefault('WORLD_SIZE', '1')
         use_cuda = torch.cuda.is_available()
+        local_rank = int(os.environ['LOCAL_RANK'])
+        if use_cuda and local_rank >= torch.cuda.device_count():
+            raise click.ClickException(f'process {local_rank} of this node needs CUDA device {local_rank}, but only '
+                f'{torch.cuda.device_count()} are visible: start at most that many processes per node (torchrun --nproc_per_node)')
         backend = 'nccl' if use_cuda and os.name != 'nt' else 'gloo'
         init_method = 'env://?use_libuv=False' if os.name == 'nt' else 'env://'
         torch.distributed.init_process_group(backend=backend, init_method=init_method)
         atexit.register(_shutdown_process_group)
         if use_cuda:
-            torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+            torch.cuda.set_device(local_rank)
 
     sync_device = None
     if get_world_size() > 1:
