@@ -20,6 +20,7 @@ teacher evaluation also evaluates a frozen guide network, of the student's size 
 """
 
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -31,6 +32,7 @@ import warnings
 
 import click
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, for direct runs
 
@@ -102,26 +104,30 @@ def adam(net):
     return torch.optim.Adam([param for param in net.parameters() if param.requires_grad], **ADAM_KWARGS)
 
 
-def training_step(net, loss_fn, optimizer, images, labels, seed, cur_nimg):
-    """One optimizer step as the training loop takes it, including its per-step reseed."""
+def training_step(net, loss_fn, optimizer, images, labels, seed, cur_nimg, host_reads=None):
+    """One optimizer step as the training loop takes it, including its per-step reseed. A HostReadCounter
+    given as host_reads counts the loss and its backward pass."""
     misc.set_random_seed(seed, 0, cur_nimg)
     optimizer.zero_grad(set_to_none=True)
     if hasattr(loss_fn, 'set_progress'):
         loss_fn.set_progress(cur_nimg)
-    loss = loss_fn(net=net, images=images, labels=labels)
-    training_stats.report('Loss/loss', loss)
-    (loss.sum() / images.shape[0]).backward()
+    with host_reads or contextlib.nullcontext():
+        loss = loss_fn(net=net, images=images, labels=labels)
+        training_stats.report('Loss/loss', loss)
+        (loss.sum() / images.shape[0]).backward()
     with torch.profiler.record_function('bench/optimizer'):
         training_loop.sanitize_gradients(net.parameters())
         optimizer.step()
 
 
-def plain_step(setup, seed, cur_nimg):
-    training_step(setup.plain_net, setup.plain_loss, setup.plain_opt, setup.images, setup.labels, seed, cur_nimg)
+def plain_step(setup, seed, cur_nimg, host_reads=None):
+    training_step(setup.plain_net, setup.plain_loss, setup.plain_opt, setup.images, setup.labels, seed, cur_nimg,
+        host_reads)
 
 
-def cd_step(setup, seed, cur_nimg):
-    training_step(setup.student, setup.cd_loss, setup.student_opt, setup.images, setup.labels, seed, cur_nimg)
+def cd_step(setup, seed, cur_nimg, host_reads=None):
+    training_step(setup.student, setup.cd_loss, setup.student_opt, setup.images, setup.labels, seed, cur_nimg,
+        host_reads)
 
 
 def scd_step(setup, seed, cur_nimg):
@@ -292,10 +298,42 @@ def time_sampling(setup, S, seed, warmup, reps):
 #----------------------------------------------------------------------------
 # Host synchronisations.
 
+# Operations whose result the host needs from a tensor's data (a value, or a shape that depends on the
+# values): on CUDA each one waits for the GPU to finish the work queued before it. Indexing with a
+# boolean mask is one too (it finds the mask's True entries first).
+HOST_READ_OPS = frozenset({'_local_scalar_dense', 'nonzero', 'masked_select', 'is_nonzero', 'equal',
+    '_unique2', 'unique_dim', 'unique_consecutive'})
+INDEXING_OPS = frozenset({'index', 'index_put', 'index_put_', '_index_put_impl_'})
+
+
+def reads_host(func, args):
+    name = func.overloadpacket.__name__
+    if name in INDEXING_OPS:
+        return any(torch.is_tensor(index) and index.dtype in (torch.bool, torch.uint8) for index in args[1])
+    return name in HOST_READ_OPS
+
+
+class HostReadCounter(TorchDispatchMode):
+    """Counts the operations that run while it is active and read tensor values on the host (reads_host)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += reads_host(func, args)
+        return func(*args, **(kwargs or {}))
+
+
 def count_host_syncs(setup, step, seed, cur_nimg):
-    """Synchronising CUDA calls that torch flags in one step (set_sync_debug_mode), or None on the CPU."""
+    """Host synchronisations in one step. On CUDA, the synchronising calls that torch flags
+    (set_sync_debug_mode) in the whole step. On the CPU, which has nothing to wait for, the reads of
+    tensor values in the loss and its backward pass (HostReadCounter); the optimizer is left out because
+    Adam keeps its step counts on the host on every device, and copies to the host cannot be seen there."""
     if setup.device.type != 'cuda':
-        return None
+        counter = HostReadCounter()
+        step(setup, seed, cur_nimg, host_reads=counter)
+        return counter.count
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
@@ -444,7 +482,8 @@ def print_report(setup, config, training, syncs, sampling, peaks):
         print('note: the load exceeds the number of cores, so other processes shared the CPU during these timings')
     print(f'network {config.net_size} ({sum(p.numel() for p in setup.student.parameters()):,} parameters), '
         f'batch {batch}, S={config.S}, T={config.T} (T_eff={grids.T_eff}), dropout {config.dropout}, '
-        f'mixed precision {"on" if config.fp16 and setup.device.type == "cuda" else "off"}')
+        f'mixed precision {"on" if config.fp16 and setup.device.type == "cuda" else "off"}, '
+        f'cuDNN autotuning {"on" if config.cudnn_benchmark else "off"}')
     print(f'teacher solver {solver} ({teacher_evals} teacher evaluation{plural(teacher_evals)} per non-terminal row)')
     if setup.guide is not None:
         print(f'guided teacher, guidance {setup.cd_loss.guidance:g}: guide {guide_size} '
@@ -452,12 +491,19 @@ def print_report(setup, config, training, syncs, sampling, peaks):
             f'evaluation{plural(teacher_evals)} per non-terminal row besides the teacher\'s')
     print(f'medians of {config.reps} reps after {config.warmup} warm-up reps; '
         f'edge classes per batch (mean): ' + ', '.join(f'{k} {v:.2f}' for k, v in mean_counts.items()))
+    # The no-grad passes run on a drawn subset of rows, so their batch size changes from step to step
+    # (with cuDNN autotuning, each new size is timed once more).
+    hop_sizes = {batch - rep['terminal'] for rep in training.counts}
+    target_sizes = {batch if synced_target else rep['general'] for rep in training.counts}
+    print(f'batch sizes of the no-grad passes over the reps: teacher hop {len(hop_sizes)} distinct '
+        f'({min(hop_sizes)}-{max(hop_sizes)}), target pass {len(target_sizes)} distinct '
+        f'({min(target_sizes)}-{max(target_sizes)})')
     kind = 'kernel time (CUDA)' if setup.device.type == 'cuda' else 'host wall time'
     print(f'breakdown: named ranges of the real loss in {len(profiled.cd)} profiled CD steps ({kind}); '
         f'% of CD and x plain against profiled steps ({ms(profiled_cd):.2f} ms CD, {ms(profiled_plain):.2f} ms plain)')
-    describe_syncs = lambda count: 'n/a' if count is None else str(count)
-    print(f'host syncs per step: plain {describe_syncs(syncs["plain"])}, CD {describe_syncs(syncs["cd"])}'
-        + (' (counted on CUDA only)' if setup.device.type != 'cuda' else ' (torch.cuda.set_sync_debug_mode)'))
+    how = ('torch.cuda.set_sync_debug_mode' if setup.device.type == 'cuda'
+        else 'CPU: reads of tensor values in the loss and backward, each a wait on a GPU; copies not seen')
+    print(f'host syncs per step: plain {syncs["plain"]}, CD {syncs["cd"]} ({how})')
     print()
     rows = [
         ('plain EDM2 step (EDM2Loss fwd + bwd + Adam)', plain, cd, plain),
@@ -509,6 +555,8 @@ def print_report(setup, config, training, syncs, sampling, peaks):
 @click.option('--device', help='Device [default: cuda if available, else cpu]', metavar='cpu|cuda[:N]', type=str, default=None)
 @click.option('--fp16', help='Run the networks in float16 (CUDA only; CPU stays float32)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--dropout', help='Dropout probability of all three networks', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.0, show_default=True)
+@click.option('--cudnn-benchmark', 'cudnn_benchmark', help='Let cuDNN time its kernels for each new input shape, as '
+    'train_edm2.py --bench does (CUDA only)', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--seed', help='Seed of weights, batch and the per-step reseed', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--teacher_solver', '--teacher-solver', 'teacher_solver', help='Teacher step along an edge (the CD loss option)',
     type=click.Choice(loss_cd.TEACHER_SOLVERS), default='heun', show_default=True)
@@ -516,7 +564,8 @@ def print_report(setup, config, training, syncs, sampling, peaks):
     type=dnnlib.cli.FiniteFloat(), default=1.0, show_default=True)
 @click.option('--guide-size', 'guide_size', help='Architecture of the guide, with the teacher\'s resolution and labels '
     '[default: --net-size]', type=click.Choice(list(NET_SIZES)))
-def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed, teacher_solver, guidance, guide_size):
+def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, cudnn_benchmark, seed, teacher_solver, guidance,
+        guide_size):
     """Time a CD training step against a plain EDM2 training step, and S-step sampling against S evaluations."""
     device = torch.device(device if device is not None else 'cuda' if torch.cuda.is_available() else 'cpu')
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -530,13 +579,14 @@ def cli(net_size, batch, S, T, reps, warmup, device, fp16, dropout, seed, teache
         raise click.BadParameter('a guide has no effect with --guidance=1 (the unguided teacher); give --guidance too',
             param_hint='--guide-size')
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
 
     build_kwargs = dict(net_size=net_size, batch=batch, S=S, T=T, dropout=dropout, fp16=fp16, device=device, seed=seed,
         teacher_solver=teacher_solver, guidance=guidance, guide_size=guide_size)
-    config = dnnlib.EasyDict(build_kwargs, reps=reps, warmup=warmup, load_before=load_average())
+    config = dnnlib.EasyDict(build_kwargs, reps=reps, warmup=warmup, load_before=load_average(),
+        cudnn_benchmark=cudnn_benchmark and device.type == 'cuda')
     if device.type == 'cpu':
         # Before this process builds its own copy, so that only one copy of the networks is in memory.
         peaks = cpu_step_peaks_in_fresh_process(build_kwargs, seed)

@@ -32,7 +32,10 @@ def test_bench_prints_ratios_breakdown_and_memory():
     assert 'on cpu' in out and 'S=2, T=4' in out
     assert 'teacher solver heun (2 teacher evaluations per non-terminal row)' in out
     assert 'named ranges of the real loss in 1 profiled CD steps' in out
-    assert 'host syncs per step: plain n/a, CD n/a' in out
+    assert 'host syncs per step: plain 0, CD 0 (CPU: reads of tensor values in the loss and backward' in out
+    assert 'mixed precision off, cuDNN autotuning off' in out
+    assert re.search(r'^batch sizes of the no-grad passes over the reps: teacher hop 1 distinct \([12]-[12]\), '
+        r'target pass 1 distinct \([0-2]-[0-2]\)$', out, re.MULTILINE), out
     peaks = re.search(r'^step peak above resident.*?(\d+\.\d)\s+(\d+\.\d)$', out, re.MULTILINE)
     assert peaks and float(peaks.group(1)) > 0 and float(peaks.group(2)) > 0, out
 
@@ -94,10 +97,10 @@ def test_bench_rejects_fewer_teacher_edges_than_student_steps():
     assert '--T' in result.stderr and 'T >= S = 8' in result.stderr
 
 
-def all_classes_setup(seed=1, teacher_solver='heun'):
+def all_classes_setup(seed=1, teacher_solver='heun', dropout=0.0):
     """A bench setup whose CD loss also runs the terminal teacher evaluation, and a step (cur_nimg)
     whose batch holds all three edge classes, so that every range of the loss is entered."""
-    setup = bench_cd.build_setup('tiny', batch=6, S=2, T=4, dropout=0.0, fp16=False, device=torch.device('cpu'), seed=seed,
+    setup = bench_cd.build_setup('tiny', batch=6, S=2, T=4, dropout=dropout, fp16=False, device=torch.device('cpu'), seed=seed,
         teacher_solver=teacher_solver)
     assert setup.cd_loss.teacher_solver == teacher_solver
     setup.cd_loss = loss_cd.EDMConsistencyDistillLoss(setup.teacher, S=2, T_start=4, T_end=4, T_anneal_kimg=0,
@@ -154,7 +157,46 @@ def test_time_training_profiles_the_timed_steps(single_thread):
     assert len(samples.plain) == len(samples.cd) == len(samples.counts) == 2
     assert len(samples.profiled.cd) == len(samples.profiled.plain) == len(samples.profiled.parts) == 2
     assert all(sum(counts.values()) == 3 for counts in samples.counts)
-    assert bench_cd.host_syncs(setup, seed=3, cur_nimg=0) == dict(plain=None, cd=None)  # counted on CUDA only
+    assert bench_cd.host_syncs(setup, seed=3, cur_nimg=0) == dict(plain=0, cd=0)
+
+
+class ReadInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        float(grad.sum())  # a host read in the backward pass
+        return 2 * grad
+
+
+def test_host_read_counter_sees_value_reads_in_forward_and_backward(single_thread):
+    x = torch.linspace(-1, 1, 5, requires_grad=True)
+    counter = bench_cd.HostReadCounter()
+    with counter:
+        y = ReadInBackward.apply(x * 3).sum()
+        _ = x[torch.tensor([0, 2])] + x.argsort()[:2]  # integer indices and sorting read nothing on the host
+        assert counter.count == 0
+        _ = x[x > 0]
+        assert counter.count == 1
+        _ = int(y) + len(torch.nonzero(x))
+        assert counter.count == 3
+        y.backward()
+    assert counter.count == 4
+
+
+def test_cd_loss_step_reads_no_tensor_values_on_the_host(single_thread):
+    """Every edge class, the terminal teacher evaluation, the synchronised-dropout and the general-row
+    target passes, with one of each teacher solver: no step of the loss or its backward pass waits for
+    the device's values (the edge counts come over in one copy, which the CPU cannot show)."""
+    for teacher_solver, dropout in (('heun', 0.0), ('ddim', 0.1), ('addim', 0.0)):
+        setup, cur_nimg = all_classes_setup(teacher_solver=teacher_solver, dropout=dropout)
+        assert loss_cd._has_active_dropout(setup.student) == (dropout > 0)
+        counter = bench_cd.HostReadCounter()
+        bench_cd.cd_step(setup, 3, cur_nimg, host_reads=counter)
+        assert counter.count == 0, teacher_solver
+        assert all(param.grad is not None for param in setup.student.parameters() if param.requires_grad)
 
 
 def test_bench_has_no_copy_of_the_loss_math(repo_root):

@@ -287,6 +287,22 @@ def test_per_edge_table_matches_reference_for_every_edge():
             assert np.array_equal(draw[field].numpy(), table[field][k_t]), (cfg, field)
 
 
+def test_sampler_draws_the_same_edges_from_kept_probabilities():
+    """The CD loss computes the importance weights once per grid and passes them in (edge_probs)."""
+    student, teacher, terminal_k = ops.build_student_teacher_grids(S=4, T=64, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+    bounds = ops.partition_edges_by_sigma(student, teacher)
+    for mode in ('vp', 'edm'):
+        kept = ops.compute_importance_weights(teacher, 7.0, mode)
+        draws = [ops.sample_segment_and_teacher_pair(bounds, teacher, student, 512, 'cpu',
+            generator=torch.Generator().manual_seed(5), terminal_k=terminal_k, sampling_mode=mode, edge_probs=probs)
+            for probs in (None, kept)]
+        assert all(torch.equal(draws[0][name], draws[1][name]) for name in draws[0]), mode
+    skewed = torch.zeros(len(teacher) - 1)
+    skewed[3] = 1
+    draw = ops.sample_segment_and_teacher_pair(bounds, teacher, student, 64, 'cpu', terminal_k=terminal_k, edge_probs=skewed)
+    assert torch.equal(draw['k_t'], torch.full([64], 3))
+
+
 @pytest.mark.parametrize('device', DEVICES)
 def test_sampler_invariants_on_fresh_configs(device):
     torch.manual_seed(3)

@@ -161,11 +161,13 @@ def compute_importance_weights(teacher_sigmas, rho, mode='vp', P_mean=-1.2, P_st
 
 
 def sample_segment_and_teacher_pair(sigma_bounds, teacher_sigmas, student_sigmas, batch_size, device,
-        generator=None, terminal_k=None, sampling_mode='vp', rho=7.0, P_mean=-1.2, P_std=1.2, terminal_anchor=True):
+        generator=None, terminal_k=None, sampling_mode='vp', rho=7.0, P_mean=-1.2, P_std=1.2, terminal_anchor=True,
+        edge_probs=None):
     """Draw one teacher edge per sample and classify it; returns a dict of per-sample tensors.
 
     uniform picks a segment uniformly and then an edge uniformly inside it (so the terminal edge
-    gets 1/S); vp/edm draw the edge from compute_importance_weights(). n_rel counts edges from the
+    gets 1/S); vp/edm draw the edge from compute_importance_weights(), or from edge_probs, that
+    function's result for this grid when the caller keeps it. n_rel counts edges from the
     drawn one down to its segment's end (1 = the edge just above sigma_bdry = s[j+1]).
     """
     bounds = sigma_bounds.to(device)
@@ -182,8 +184,9 @@ def sample_segment_and_teacher_pair(sigma_bounds, teacher_sigmas, student_sigmas
         n_rel = torch.minimum(torch.floor(u * length + 1), length).to(torch.int64)
         k_t = seg_end[step_j] - (n_rel - 1)
     else:
-        probs = compute_importance_weights(teacher, rho, sampling_mode, P_mean, P_std, terminal_anchor)
-        k_t = torch.multinomial(probs, batch_size, replacement=True, generator=generator)
+        probs = edge_probs if edge_probs is not None else compute_importance_weights(
+            teacher, rho, sampling_mode, P_mean, P_std, terminal_anchor)
+        k_t = torch.multinomial(probs.to(device), batch_size, replacement=True, generator=generator)
         # Searching segment starts only is exact for contiguous partitions (§5: only T_eff < S breaks them).
         step_j = (torch.searchsorted(seg_start, k_t, right=True) - 1).clamp(0, num_segments - 1)
         n_rel = (seg_len[step_j] - (k_t - seg_start[step_j])).clamp_min(1)

@@ -184,12 +184,19 @@ def _describe_row(i, edges, sigma_s_eff, sigma_ref):
         f'sigma_ref={float(sigma_ref[i])!r}')
 
 
+def _rows_where(flag, count):
+    """Indices of the True entries of `flag` in ascending order, as nonzero() gives them, but computed on
+    flag's device from a count the host already knows: a stable sort puts the True rows first."""
+    return torch.argsort((~flag).to(torch.uint8), stable=True)[:count]
+
+
 def _classify_rows(edges, student_sigmas, sigma_s_eff, sigma_ref):
-    """Check the ordering invariants with one host transfer; return row indices and counts per class.
+    """Check the ordering invariants with one device-to-host transfer; return row indices and counts per class.
 
     Raises ValueError naming the sigmas of the first offending sample: a broken ordering, or a
     degenerate pair (sigma_t = 0 or sigma_t ~ sigma_ref) for which the inverse DDIM step is undefined,
     or a teacher hop to sigma = 0 on a non-terminal row. The ODE steps can then skip their own checks.
+    The row indices stay on the device, so no host-to-device copy waits for the GPU either.
     """
     sigma_t, sigma_s, sigma_bdry = edges['sigma_t'], edges['sigma_s'], edges['sigma_bdry']
     terminal, snap = edges['is_terminal'], edges['is_boundary_snap']
@@ -198,18 +205,19 @@ def _classify_rows(edges, student_sigmas, sigma_s_eff, sigma_ref):
     ordered = (below_upper_node & (sigma_t > sigma_s - _INVARIANT_TOL)
         & (terminal | (sigma_t > sigma_s_eff - _INVARIANT_TOL)) & (sigma_s_eff >= sigma_bdry - _INVARIANT_TOL))
     degenerate = (sigma_t == 0) | ((sigma_t - sigma_ref).abs() < 1e-12) | (~terminal & (sigma_s_eff == 0))
-    flags = torch.stack([terminal, snap, ~(terminal | snap), ~terminal, ~ordered, degenerate]).cpu()
-
-    for problem, bad in (('breaks the sigma ordering of its edge class', flags[4]),
-            ('has a degenerate sigma pair (sigma_t = 0, sigma_t ~ sigma_ref, or a hop to sigma = 0)', flags[5])):
-        if bad.any():
-            first = int(bad.nonzero()[0])
-            raise ValueError(f'Consistency-distillation edge {problem}: '
-                f'{_describe_row(first, edges, sigma_s_eff, sigma_ref)} ({int(bad.sum())} such samples)')
     names = (*_EDGE_CLASSES, 'non_terminal')
-    rows = {name: flags[i].nonzero().flatten().to(sigma_t.device) for i, name in enumerate(names)}
-    counts = {name: int(flags[i].sum()) for i, name in enumerate(_EDGE_CLASSES)}
-    return rows, counts
+    flags = torch.stack([terminal, snap, ~(terminal | snap), ~terminal, ~ordered, degenerate])
+    num_terminal, num_boundary, num_general, num_non_terminal, num_unordered, num_degenerate = flags.sum(dim=1).tolist()
+
+    for problem, bad, count in (('breaks the sigma ordering of its edge class', ~ordered, num_unordered),
+            ('has a degenerate sigma pair (sigma_t = 0, sigma_t ~ sigma_ref, or a hop to sigma = 0)', degenerate, num_degenerate)):
+        if count:
+            first = int(_rows_where(bad, 1))
+            raise ValueError(f'Consistency-distillation edge {problem}: '
+                f'{_describe_row(first, edges, sigma_s_eff, sigma_ref)} ({count} such samples)')
+    counts = dict(zip(names, (num_terminal, num_boundary, num_general, num_non_terminal)))
+    rows = {name: _rows_where(flags[i], counts[name]) for i, name in enumerate(names)}
+    return rows, {name: counts[name] for name in _EDGE_CLASSES}
 
 #----------------------------------------------------------------------------
 # The loss.
@@ -546,6 +554,9 @@ class EDMConsistencyDistillLoss:
             self._grid_cache[key] = cpu
         on_device = dnnlib.EasyDict(cpu, student=cpu.student.to(device), teacher=cpu.teacher.to(device),
             bounds=cpu.bounds.to(device))
+        # Computed from the grid on the device, as the sampler would compute it every step.
+        on_device.edge_probs = None if self.sampling_mode == 'uniform' else consistency_ops.compute_importance_weights(
+            on_device.teacher, self.rho, self.sampling_mode, self.P_mean, self.P_std, self.terminal_anchor)
         self._device_grids = (key, device, on_device)
         return on_device
 
@@ -568,7 +579,8 @@ class EDMConsistencyDistillLoss:
         """One teacher edge per image from `grids` (see grids()) and the noise of x_t, from the global RNG."""
         edges = consistency_ops.sample_segment_and_teacher_pair(grids.bounds, grids.teacher, grids.student,
             images.shape[0], images.device, terminal_k=grids.terminal_k, sampling_mode=self.sampling_mode,
-            rho=self.rho, P_mean=self.P_mean, P_std=self.P_std, terminal_anchor=self.terminal_anchor)
+            rho=self.rho, P_mean=self.P_mean, P_std=self.P_std, terminal_anchor=self.terminal_anchor,
+            edge_probs=grids.edge_probs)
         return edges, torch.randn_like(images)
 
     def loss_from_edges(self, net, images, labels, edges, noise):
