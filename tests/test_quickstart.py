@@ -145,6 +145,18 @@ def test_sample_points_and_figure_lines():
     assert {('teacher', 'euler', 3), ('teacher', 'heun', 32), ('student', 'euler', 3)} <= {(p.network, p.sampler, p.steps) for p in extra}
 
 
+def test_student_verdict_takes_the_mean_ratio_over_seed_sets():
+    E = quickstart.dnnlib.EasyDict
+    rows = [None, E(name='teacher Heun, 32 steps', nfe=63, fd=20.0), None, E(name='student, 4 steps', nfe=4, fd=22.0, num_images=5)]
+    first = 'student, 4 steps: FD_digits 22.00 = 1.100 x that of teacher Heun, 32 steps (20.00), with 4 instead of 63 network evaluations'
+    assert quickstart.student_verdict(rows, [E(seeds=[0, 4], teacher=20.0, student=22.0)]) == first
+    sets = [E(seeds=[0, 4], teacher=20.0, student=22.0), E(seeds=[5, 9], teacher=40.0, student=40.0)]
+    # The mean of the two ratios (1.1 and 1.0), not the ratio of the mean FDs (62 / 60).
+    assert quickstart.student_verdict(rows, sets).splitlines() == [first,
+        "student, 4 steps, mean over 2 sets of 5 seeds: 1.050 x the teacher's FD_digits "
+        "(seeds 0-4: 22.00 / 20.00 = 1.100; seeds 5-9: 40.00 / 40.00 = 1.000)"]
+
+
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
@@ -188,7 +200,16 @@ def test_quickstart_end_to_end(tmp_path):
     points = {p.tag: json.loads((outdir / 'samples' / f'{p.tag}.json').read_text()) for p in quickstart.sample_points(c, 2)}
     heun = points['teacher-heun32']
     assert (heun['network'], heun['sampler'], heun['steps'], heun['nfe'], heun['num_images']) == ('teacher', 'heun', 32, 63, num)
+    assert heun['seeds'] == [0, num - 1]
     teacher_row = dict(nfe=63, value=heun['fd'])
+    # The verdict's two networks are sampled on a second set of seeds as well (c.seed_sets == 2), the others not.
+    assert c.seed_sets == 2
+    more = {tag: json.loads((outdir / 'samples' / f'{tag}-seeds{num}.json').read_text()) for tag in ['teacher-heun32', 'student2']}
+    for tag, point in more.items():
+        assert point['seeds'] == [num, 2 * num - 1] and point['num_images'] == num and point['tag'] == tag
+        assert point['fd'] != points[tag]['fd']
+    assert sorted(p.name for p in (outdir / 'samples').glob('*.json')) == sorted(
+        [f'{tag}.json' for tag in points] + [f'{tag}-seeds{num}.json' for tag in more])
 
     # The table: its FD values are the validation values (the teacher's Heun: the in-process one); the sampled
     # images give the same ones again.
@@ -202,6 +223,11 @@ def test_quickstart_end_to_end(tmp_path):
     verdict = (f'student, 2 steps: FD_digits {student_rows[1]["value"]:.2f} = {ratio:.3f} x that of teacher Heun, '
                f'32 steps ({teacher_row["value"]:.2f}), with 2 instead of 63 network evaluations')
     assert verdict in result.stdout.splitlines() and f'{verdict}.' in results.splitlines()
+    second_ratio = more['student2']['fd'] / more['teacher-heun32']['fd']
+    mean = (f"student, 2 steps, mean over 2 sets of {num} seeds: {(ratio + second_ratio) / 2:.3f} x the teacher's FD_digits "
+            f'(seeds 0-{num - 1}: {student_rows[1]["value"]:.2f} / {teacher_row["value"]:.2f} = {ratio:.3f}; '
+            f'seeds {num}-{2 * num - 1}: {more["student2"]["fd"]:.2f} / {more["teacher-heun32"]["fd"]:.2f} = {second_ratio:.3f})')
+    assert mean in result.stdout.splitlines() and f'{mean}.' in results.splitlines()
     for name, row in expected.items():
         assert table[name][1:4] == [str(row['nfe']), str(num), f'{row["value"]:.2f}']
     for tag, row in zip(['teacher-euler2', 'student2'], student_rows):
@@ -220,5 +246,6 @@ def test_quickstart_end_to_end(tmp_path):
     assert re.search(r'\| teacher Euler, 1 step \| euler \| 1 \| 1 \| [0-9.]+ \| in-process \|', results)
 
     rerun = run_script(*command)
-    assert rerun.stdout.count('skipping') == 5 + len(points)  # dataset, classifier, references, teacher, student, points
+    # dataset, classifier, references, teacher, student, points, the second seed set
+    assert rerun.stdout.count('skipping') == 5 + len(points) + len(more)
     assert table_lines(rerun.stdout) == table
