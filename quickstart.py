@@ -309,11 +309,12 @@ def sample_all(paths, c, S, num_images, timings):
             lambda p=p, net_path=net_path, seeds=seeds, tag=tag: sample_and_measure(p, net_path, student_cd, seeds,
                 c.batch, paths, tag))
     for p in points:
-        p.update(read_json(os.path.join(paths.samples, f'{p.tag}.json')))
         p.seed_sets = []
     for p, seeds in jobs:
-        fd = read_json(os.path.join(paths.samples, f'{seed_set_tag(p, seeds)}.json'))['fd']
-        p.seed_sets.append(dnnlib.EasyDict(seeds=[seeds[0], seeds[-1]], fd=fd))
+        measured = read_json(os.path.join(paths.samples, f'{seed_set_tag(p, seeds)}.json'))
+        if seeds[0] == 0:
+            p.update(measured)
+        p.seed_sets.append(dnnlib.EasyDict(seeds=[seeds[0], seeds[-1]], fd=measured['fd']))
     return points
 
 
