@@ -6,11 +6,12 @@ through calculate_metrics as any feature network given as a file (`--detector fd
 the reference statistics of the training-split digits are computed as `calculate_metrics.py ref`
 computes them. The teacher (EDM2) trains, then the S-step student (consistency distillation) trains
 with validation on, so that its metrics-val.jsonl holds the student and the teacher's S-step Euler
-baseline. The teacher and the student are then sampled at several step counts, in-process with
-generate_images and measured with calculate_metrics' code (as validation measures), for the teacher's
-Heun row, a quality-vs-steps figure and the classifier's confidence and class agreement. Writes sample
-grids, the run curves (training.plots), the figure and results.md with the table. Rerunning with the
-same --outdir skips finished stages and resumes unfinished training.
+baseline; with 2 steps it starts from a 4-step student, distilled first. The teacher and the
+student are then sampled at several step counts, in-process with generate_images and measured with
+calculate_metrics' code (as validation measures), for the teacher's Heun row, a quality-vs-steps figure
+and the classifier's confidence and class agreement. Writes sample grids, the run curves
+(training.plots), the figure and results.md with the table. Rerunning with the same --outdir skips
+finished stages (refusing a finished student of other steps) and resumes unfinished training.
 """
 
 import json
@@ -44,12 +45,16 @@ REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 CONFIGS = {
     'full': dnnlib.EasyDict(max_images=None, teacher_duration='32Ki', student_duration='20Ki', status='2Ki',
-        cd_options=[], classifier_epochs=10, batch=128,
+        start_steps=4, chained_steps=[2], few_step_duration='64Ki', cd_options=[], classifier_epochs=10, batch=128,
         euler_steps=[1, 2, 4, 8, 16], heun_steps=[2, 4, 8, 16, 32], student_steps=[1, 2, 8], seed_sets=3),
     'quick': dnnlib.EasyDict(max_images=200, teacher_duration='1Ki', student_duration='1Ki', status='1Ki',
-        cd_options=['--T_start=8', '--T_end=8', '--T_anneal_kimg=0'], classifier_epochs=5, batch=128,
-        euler_steps=[1], heun_steps=[2], student_steps=[1], seed_sets=2),
+        start_steps=4, chained_steps=[2], few_step_duration='1Ki', cd_options=['--T_start=8', '--T_end=8', '--T_anneal_kimg=0'],
+        classifier_epochs=5, batch=128, euler_steps=[1], heun_steps=[2], student_steps=[1], seed_sets=2),
 }
+# chained_steps: students of these steps start from a student of start_steps steps (trained first, for
+# student_duration images) and train for few_step_duration; from the teacher the 2-step student levels off
+# further from it, while the 1-step student does far worse from the 4-step one (docs/results.md, the 2-step
+# student).
 # seed_sets: the student and the teacher's Heun are compared on this many disjoint sets of N seeds (N = the
 # number of held-out digits); one set of 449 samples moves their FD ratio by a few per cent.
 EMA_STD = '0.100'   # the post-hoc EMA profile taken from both training runs (and validated)
@@ -180,21 +185,50 @@ def first_teacher_edges(c):
     return int(given[-1]) if given else train_edm2.PRESETS['cd-tiny-img16']['T_start']
 
 
-def train_models(paths, c, S, seed, num_val, timings):
-    """Teacher (plain EDM2 training), then the S-step student distilled from it (CD mode), validated on
-    FD_digits at its final snapshot (the only one it writes). The teacher is not validated: its Heun row
-    comes from sample_all(), which samples it anyway and would repeat the same images."""
+def student_stages(c, S, run_dirs):
+    """The distillation runs, in order: EasyDicts of S, duration, run_dir and snapshot. The last one is the
+    S-step student; one of c.chained_steps steps starts from a c.start_steps-step student."""
+    chained = S in c.chained_steps
+    stages = [dnnlib.EasyDict(S=c.start_steps, duration=c.student_duration, run_dir=run_dirs.start)] if chained else []
+    stages.append(dnnlib.EasyDict(S=S, duration=c.few_step_duration if chained else c.student_duration,
+        run_dir=run_dirs.final))
+    for stage in stages:
+        stage.snapshot = final_snapshot(stage.run_dir, stage.duration)
+    return stages
+
+
+def check_finished_student(stage, init_pkl):
+    """A stage whose snapshot exists is skipped: refuse when its run distilled another student."""
+    if not os.path.exists(stage.snapshot):
+        return
+    with open(os.path.join(stage.run_dir, 'training_options.json')) as f:
+        recorded = json.load(f)['loss_kwargs']
+    if (recorded.get('S'), recorded.get('init_pkl')) != (stage.S, init_pkl):
+        raise click.ClickException(f'{stage.run_dir} holds a {recorded.get("S")}-step student started from '
+            f'{recorded.get("init_pkl") or "the teacher"}, not the {stage.S}-step student started from '
+            f'{init_pkl or "the teacher"} that this run needs; use another --outdir')
+
+
+def train_models(paths, c, stages, seed, num_val, timings):
+    """Teacher (plain EDM2 training), then the students distilled from it (CD mode, each stage starting from
+    the one before, the first from the teacher). The last, the S-step student, is validated on FD_digits at
+    its final snapshot (the only one it writes). The teacher is not validated: its Heun row comes from
+    sample_all(), which samples it anyway and would repeat the same images."""
     common = [f'--data={paths.dataset}', f'--seed={seed}', f'--status={c.status}']
     validation = [f'--val_ref={paths.refs}', f'--val_metrics={METRIC}', f'--detector={METRIC}={paths.detector}',
         f'--val_num={num_val}', f'--val_batch={c.batch}', f'--val_std={EMA_STD}', '--val_every=1']
     run_stage(timings, 'teacher', paths.teacher, lambda: run_script('train_edm2.py', f'--outdir={paths.teacher_dir}',
         *common, '--preset=tiny-img16', f'--duration={c.teacher_duration}', f'--snapshot={c.teacher_duration}',
         f'--checkpoint={c.teacher_duration}'))
-    run_stage(timings, f'student (S={S})', paths.student, lambda: run_script('train_edm2.py',
-        f'--outdir={paths.student_dir}', *common, '--preset=cd-tiny-img16', f'--teacher={paths.teacher}', f'--S={S}',
-        *c.cd_options,
-        f'--duration={c.student_duration}', f'--snapshot={c.student_duration}', f'--checkpoint={c.student_duration}',
-        *validation, '--no_val_heun'))  # sample_all() measures the teacher's Heun
+    init = []
+    for stage in stages:
+        last = stage is stages[-1]
+        check_finished_student(stage, init[0].split('=', 1)[1] if init else None)
+        run_stage(timings, f'student (S={stage.S})', stage.snapshot, lambda: run_script('train_edm2.py',
+            f'--outdir={stage.run_dir}', *common, '--preset=cd-tiny-img16', f'--teacher={paths.teacher}', *init,
+            f'--S={stage.S}', *c.cd_options, f'--duration={stage.duration}', f'--snapshot={stage.duration}',
+            f'--checkpoint={stage.duration}', *(validation + ['--no_val_heun'] if last else [])))  # sample_all() measures the teacher's Heun
+        init = [f'--init={stage.snapshot}']
 
 #----------------------------------------------------------------------------
 # Validation rows and sampled points.
@@ -407,7 +441,14 @@ def validation_seconds(rows):
     return sum(float(row.get('seconds') or 0) for row in rows)
 
 
-def write_report(path, rows, sets, points, validation, plot_files, timings, total_seconds, c, S, seed):
+def stages_text(stages):
+    text = f'student {stages[-1].duration} images'
+    starts = [f'the {stage.S}-step student ({stage.duration} images)' for stage in stages[:-1]]
+    return text + ''.join(f', started from {start}' for start in starts)
+
+
+def write_report(path, rows, sets, points, validation, plot_files, timings, total_seconds, c, stages, seed):
+    S = stages[-1].S
     outdir = os.path.dirname(path)
     rel = lambda p: os.path.relpath(p, outdir).replace(os.sep, '/')
     regenerated = [p for p in points if p.validation is not None]
@@ -423,7 +464,7 @@ def write_report(path, rows, sets, points, validation, plot_files, timings, tota
     verdict = ''.join(f'{line}.\n\n' for line in student_verdict(rows, sets).splitlines())
     text = f'''# Quickstart results
 
-S = {S}; teacher {c.teacher_duration} images, student {c.student_duration} images; seed {seed}; EMA profile {EMA_STD}.
+S = {S}; teacher {c.teacher_duration} images, {stages_text(stages)}; seed {seed}; EMA profile {EMA_STD}.
 
 FD_digits is the Fréchet distance between the digit classifier's penultimate-layer features
 (`digit-features.pkl`, `--detector {METRIC}=digit-features.pkl`) of the images and of the real
@@ -479,17 +520,18 @@ def write_plots(paths, points, S):
 @click.option('--steps', 'S', help='Student steps S', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 @click.option('--seed', help='Random seed for training and the classifier split', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--teacher-duration', help='Teacher training length, e.g. 32Ki [default: by configuration]', metavar='NIMG', type=str)
-@click.option('--student-duration', help='Student distillation length, e.g. 8Ki [default: by configuration]', metavar='NIMG', type=str)
+@click.option('--student-duration', help='Distillation length of the S-step student, e.g. 8Ki [default: by configuration; '
+    'full: 20Ki, and 64Ki for S=2 after a 4-step student of 20Ki]', metavar='NIMG', type=str)
 def main(outdir, quick, S, seed, teacher_duration, student_duration):
     """Train a digits teacher, distil an S-step student and compare their samples.
 
     \b
-    Example (about 9 minutes on 2 idle CPU cores):
+    Examples (about 9 and 28 minutes on 2 idle CPU cores):
       python3 quickstart.py --outdir=quickstart-run
+      python3 quickstart.py --outdir=quickstart-run-s2 --steps=2
     """
     c = dnnlib.EasyDict(CONFIGS['quick' if quick else 'full'])
     c.teacher_duration = teacher_duration or c.teacher_duration
-    c.student_duration = student_duration or c.student_duration
     T_start = first_teacher_edges(c)
     if T_start < S:
         raise click.BadParameter(f'the {"quick" if quick else "full"} configuration starts with {T_start} teacher '
@@ -500,7 +542,10 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
         samples=os.path.join(outdir, 'samples'), figure=os.path.join(outdir, 'quality-vs-steps.png'),
         teacher_dir=os.path.join(outdir, 'teacher'), student_dir=os.path.join(outdir, 'student'))
     paths.teacher = final_snapshot(paths.teacher_dir, c.teacher_duration)
-    paths.student = final_snapshot(paths.student_dir, c.student_duration)
+    if student_duration is not None:  # the S-step student's length
+        c['few_step_duration' if S in c.chained_steps else 'student_duration'] = student_duration
+    stages = student_stages(c, S, dnnlib.EasyDict(start=os.path.join(outdir, f'student{c.start_steps}'), final=paths.student_dir))
+    paths.student = stages[-1].snapshot
     os.makedirs(outdir, exist_ok=True)
     timings = []
     started = time.time()
@@ -515,7 +560,7 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     run_stage(timings, 'reference statistics', paths.refs, lambda: compute_reference(paths, images[train_idx], c.batch))
     # As many samples as held-out real digits, so that their FDs compare.
     num_images = len(held_out_idx)
-    train_models(paths, c, S, seed, num_images, timings)
+    train_models(paths, c, stages, seed, num_images, timings)
     points = sample_all(paths, c, S, num_images, timings)
 
     print('\n=== quality ===', flush=True)
@@ -532,7 +577,7 @@ def main(outdir, quick, S, seed, teacher_duration, student_duration):
     timings.append(('table and plots', time.time() - start))
     total_seconds = time.time() - started
     write_report(os.path.join(outdir, 'results.md'), rows, sets, points, validation, plot_files, timings, total_seconds,
-        c, S, seed)
+        c, stages, seed)
     print(format_table(rows))
     print(f'\n{student_verdict(rows, sets)}')
     print(f'\n{format_timings(timings)}\n\nTotal {dnnlib.util.format_time(total_seconds)}. '

@@ -101,6 +101,29 @@ def test_resume_refuses_changed_cd_settings(workdir):
 
 
 @pytest.mark.slow
+def test_init_starts_the_student_from_another_network(workdir):
+    root = workdir
+    make_teacher(root / 'init.pkl', seed=1)
+    train(workdir, root / 'warm', '--duration=256', f'--init={root / "init.pkl"}')
+    start = load_pickle(root / 'warm' / 'network-snapshot-0000000-0.100.pkl')
+    init, teacher = load_pickle(root / 'init.pkl')['ema'], load_pickle(root / 'teacher.pkl')['ema']
+    with torch.no_grad():  # a training-mode pass normalises EDM2's weights in place, as the run's first pass does
+        for net in (init, teacher):
+            net.train()(torch.zeros([1, 3, 16, 16]), torch.ones([1]), torch.zeros([1, 10]))
+    weights = [(name, a, init.state_dict()[name], teacher.state_dict()[name]) for name, a in start['ema'].state_dict().items()]
+    assert all(torch.equal(a, b.to(a.dtype)) for _, a, b, _ in weights)
+    assert not all(torch.equal(a, c.to(a.dtype)) for _, a, _, c in weights)
+    assert start['cd']['init'] == str(root / 'init.pkl') and start['cd']['teacher'] == str(root / 'teacher.pkl')
+    options = json.load(open(root / 'warm' / 'training_options.json'))
+    assert options['loss_kwargs']['init_sha256'] == pretrained.load(str(root / 'init.pkl')).sha256
+
+    make_teacher(root / 'init8.pkl', resolution=8)
+    result = train(workdir, root / 'bad-init', '--duration=256', f'--init={root / "init8.pkl"}', check=False)
+    assert result.returncode != 0 and '--init' in result.stderr and 'resolution: starting network 8, data 16' in result.stderr
+    assert not (root / 'bad-init').exists()
+
+
+@pytest.mark.slow
 def test_mismatched_teacher_is_refused(workdir):
     root = workdir
     make_teacher(root / 'teacher8.pkl', resolution=8)

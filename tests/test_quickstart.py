@@ -145,6 +145,22 @@ def test_sample_points_and_figure_lines():
     assert {('teacher', 'euler', 3), ('teacher', 'heun', 32), ('student', 'euler', 3)} <= {(p.network, p.sampler, p.steps) for p in extra}
 
 
+def test_students_of_few_steps_start_from_a_student_of_more():
+    c = quickstart.dnnlib.EasyDict(quickstart.CONFIGS['full'])
+    run_dirs = quickstart.dnnlib.EasyDict(start='runs/student4', final='runs/student')
+    alone = quickstart.student_stages(c, 4, run_dirs)
+    assert [(stage.S, stage.duration, stage.snapshot) for stage in alone] == [
+        (4, c.student_duration, quickstart.final_snapshot('runs/student', c.student_duration))]
+    chained = quickstart.student_stages(c, 2, run_dirs)
+    assert [(stage.S, stage.duration, stage.run_dir) for stage in chained] == [
+        (c.start_steps, c.student_duration, 'runs/student4'), (2, c.few_step_duration, 'runs/student')]
+    assert quickstart.stages_text(chained) == (f'student {c.few_step_duration} images, started from the '
+        f'{c.start_steps}-step student ({c.student_duration} images)')
+    assert [stage.S for stage in quickstart.student_stages(c, 8, run_dirs)] == [8]
+    assert c.chained_steps == [2]  # the 1-step student starts from the teacher
+    assert [(stage.S, stage.duration) for stage in quickstart.student_stages(c, 1, run_dirs)] == [(1, c.student_duration)]
+
+
 def test_student_verdict_takes_the_mean_ratio_over_seed_sets():
     E = quickstart.dnnlib.EasyDict
     rows = [None, E(name='teacher Heun, 32 steps', nfe=63, fd=20.0), None, E(name='student, 4 steps', nfe=4, fd=22.0, num_images=5)]
@@ -197,6 +213,11 @@ def test_quickstart_end_to_end(tmp_path):
     assert [(r['network'], r['sampler'], r['steps'], r['nfe'], r['metric'], r['images']) for r in student_rows] == [
         ('teacher', 'euler', 2, 2, 'fd_digits', num), ('trained', 'euler', 2, 2, 'fd_digits', num)]
     assert student_rows[-1]['snapshot'] == 'network-snapshot-0000001-0.100.pkl'
+    # A 2-step student starts from a c.start_steps-step student, trained first.
+    start = outdir / f'student{c.start_steps}' / 'network-snapshot-0000001-0.100.pkl'
+    assert load_pickle(start)['cd']['S'] == c.start_steps and not (start.parent / 'metrics-val.jsonl').exists()
+    student_options = json.loads((outdir / 'student' / 'training_options.json').read_text())['loss_kwargs']
+    assert student_options['init_pkl'] == str(start) and student_options['S'] == 2
     points = {p.tag: json.loads((outdir / 'samples' / f'{p.tag}.json').read_text()) for p in quickstart.sample_points(c, 2)}
     heun = points['teacher-heun32']
     assert (heun['network'], heun['sampler'], heun['steps'], heun['nfe'], heun['num_images']) == ('teacher', 'heun', 32, 63, num)
@@ -214,6 +235,7 @@ def test_quickstart_end_to_end(tmp_path):
     # The table: its FD values are the validation values (the teacher's Heun: the in-process one); the sampled
     # images give the same ones again.
     results = (outdir / 'results.md').read_text()
+    assert f'student 1Ki images, started from the {c.start_steps}-step student (1Ki images)' in results
     table = table_lines(results)
     expected = {'teacher Heun, 32 steps': teacher_row, 'teacher Euler, 2 steps': student_rows[0],
                 'student, 2 steps': student_rows[1]}
@@ -246,6 +268,12 @@ def test_quickstart_end_to_end(tmp_path):
     assert re.search(r'\| teacher Euler, 1 step \| euler \| 1 \| 1 \| [0-9.]+ \| in-process \|', results)
 
     rerun = run_script(*command)
-    # dataset, classifier, references, teacher, student, points, the second seed set
-    assert rerun.stdout.count('skipping') == 5 + len(points) + len(more)
+    # dataset, classifier, references, teacher, the two students, points, the second seed set
+    assert rerun.stdout.count('skipping') == 6 + len(points) + len(more)
     assert table_lines(rerun.stdout) == table
+
+    # Another S in the same directory would reuse the 2-step student: refused, naming the directory (a 3-step
+    # student starts from the teacher).
+    other = run_script('quickstart.py', f'--outdir={outdir}', '--quick', '--steps=3', check=False)
+    assert other.returncode != 0 and 'Traceback' not in other.stderr
+    assert f'{outdir / "student"} holds a 2-step student started from {start}, not the 3-step student started from the teacher' in other.stderr

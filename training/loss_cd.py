@@ -50,6 +50,8 @@ TEACHER_SOLVERS = ('heun', 'ddim', 'addim')
 TEACHER_EVALUATIONS = dict(heun=2, ddim=1, addim=1)
 ADDIM_ETA = 0.75  # Heek et al. 2024's eta (xvar_frac) for the adjusted DDIM teacher
 HUBER_DELTA = PSEUDO_HUBER_C = 1e-4  # the reference's fixed constants of the two Huber distances
+INIT_HELP = ('Start from this EDM2 network pickle (path or URL): in CD instead of the teacher (e.g. a student with '
+    'more steps), in CT and sCT instead of random weights')
 
 
 def _refuse_unused(sampling_mode, **settings):
@@ -248,6 +250,9 @@ class EDMConsistencyDistillLoss:
                         or 'addim' (Heek et al.'s adjusted DDIM, 1 evaluation).
     addim_eta:          aDDIM's eta in [0, 1], the fraction of the teacher's squared error |D_T - y|^2 that
                         counts as posterior variance (None: ADDIM_ETA = 0.75; only with teacher_solver='addim').
+    init_pkl, init_sha256: start the student from this network pickle (path or URL; init_sha256 pins its
+                        content) instead of the teacher, e.g. from a student of the same teacher with more
+                        steps; it must have the teacher's architecture.
     guide_net, guide_pkl, guide_sha256: the frozen guide network D_g of the teacher (e.g. its unconditional
                         or a smaller, less trained version), like teacher_net, teacher_pkl and teacher_sha256.
     guidance:           the guidance weight w: every teacher evaluation is lerp(D_g, D_T, w) (pretrained.
@@ -256,7 +261,8 @@ class EDMConsistencyDistillLoss:
     report_stats:       report CD/... diagnostics through torch_utils.training_stats.
 
     As a training method (training/training_loop.py): prepare() loads and checks the teacher (and the
-    guide), init_network() copies the teacher into the student and freezes the uncertainty head,
+    guide, and init_pkl's network), init_network() copies the teacher (or init_pkl's network) into the
+    student and freezes the uncertainty head,
     set_progress() drives the anneal, snapshot_entries() gives student snapshots their 'cd' entry (and
     no loss object). Pickling drops the teacher, the guide and the grid caches; call attach_teacher()
     afterwards. For resuming, state_dict()/load_state_dict() carry only runtime state and refuse
@@ -291,6 +297,7 @@ class EDMConsistencyDistillLoss:
                                  'ddim (1) or addim (adjusted DDIM, 1)'),
         'addim_eta':            ('addim_eta', float, 'Share of the teacher\'s squared error that --teacher_solver=addim '
                                  f'adds back as variance, in [0, 1] [default: {ADDIM_ETA}]'),
+        'init':                 ('init_pkl', 'PKL', INIT_HELP),
         'guide':                ('guide_pkl', 'PKL', 'Guide the teacher with this EDM2 network pickle (path or URL), e.g. '
                                  'its unconditional or a smaller, less trained version'),
         'guidance':             ('guidance', float, 'Guidance weight W of the teacher, D = guide + W (teacher - guide); '
@@ -302,7 +309,7 @@ class EDMConsistencyDistillLoss:
             weight_mode='sqrt_karras', sigma_data=0.5, sampling_mode='vp', sync_dropout=True, terminal_anchor=None,
             terminal_teacher_hop=False, P_mean=None, P_std=None, huber_delta=None, pseudo_huber_c=None,
             report_stats=True, teacher_solver='heun', addim_eta=None, guide_net=None, guide_pkl=None, guide_sha256=None,
-            guidance=1.0):
+            guidance=1.0, init_pkl=None, init_sha256=None):
         _refuse_unused(sampling_mode, terminal_anchor=terminal_anchor, P_mean=P_mean, P_std=P_std)
         _check_guidance(float(guidance), guided=guide_net is not None or guide_pkl is not None)
         if addim_eta is not None and teacher_solver in TEACHER_SOLVERS and teacher_solver != 'addim':
@@ -314,6 +321,7 @@ class EDMConsistencyDistillLoss:
                     f'only loss_type={reader!r} reads it', option=name)
         self.teacher_pkl, self.teacher_sha256 = teacher_pkl, teacher_sha256
         self.guide_pkl, self.guide_sha256, self.guidance = guide_pkl, guide_sha256, float(guidance)
+        self.init_pkl, self.init_sha256 = init_pkl, init_sha256
         self.S, self.T_start, self.T_end, self.T_anneal_kimg = int(S), int(T_start), int(T_end), float(T_anneal_kimg)
         self.rho, self.sigma_min, self.sigma_max = float(rho), float(sigma_min), float(sigma_max)
         self.student_sigma_min = float(sigma_min if student_sigma_min is None else student_sigma_min)
@@ -335,6 +343,7 @@ class EDMConsistencyDistillLoss:
         self.edge_counts = dnnlib.EasyDict({name: 0 for name in (*_EDGE_CLASSES, 'total')})
         self.teacher_net = None
         self.guide_net = None if guide_net is None else _frozen(guide_net)
+        self.init_net = None
         self._encoder = None        # the run's, for sampling the teacher as a validation baseline
         self._grid_cache = dict()   # (T, S, sigma_min, sigma_max, rho, student_sigma_min) -> float64 CPU grids
         self._device_grids = None   # (key, device, grids) of the last call
@@ -417,6 +426,9 @@ class EDMConsistencyDistillLoss:
         for net in (self.teacher_net, self.guide_net):
             if net is not None:
                 net.to(device)
+        if self.init_pkl is not None:
+            init = pretrained.load_starting_network(self.init_pkl, self.init_sha256, encoder, latent_shape, label_dim)
+            self.init_net, self.init_sha256 = init.net, init.sha256
 
     @staticmethod
     def _check_guide(guide, guide_encoder, encoder, latent_shape, label_dim):
@@ -431,6 +443,8 @@ class EDMConsistencyDistillLoss:
             pins.update(teacher_sha256=self.teacher_sha256)
         if self.guide_pkl is not None:
             pins.update(guide_sha256=self.guide_sha256)
+        if self.init_pkl is not None:
+            pins.update(init_sha256=self.init_sha256)
         return pins
 
     def architecture(self):
@@ -438,8 +452,14 @@ class EDMConsistencyDistillLoss:
         return pretrained.network_kwargs(self._teacher())
 
     def init_network(self, net):
-        """Start the student from the teacher's weights; the uncertainty head gets no gradient in CD."""
-        pretrained.copy_weights(net, self._teacher())
+        """Start the student from the teacher's weights (or init_pkl's); the uncertainty head gets no gradient in CD."""
+        if self.init_pkl is None:
+            pretrained.copy_weights(net, self._teacher())
+        else:
+            if self.init_net is None:
+                raise RuntimeError('EDMConsistencyDistillLoss has not loaded init_pkl (pickling drops it); call prepare() first')
+            pretrained.copy_weights(net, self.init_net, role='starting network')
+            self.init_net = None  # needed once; a resumed run loads its training state instead
         pretrained.freeze_parameters(net, ['logvar_linear'])
 
     def set_progress(self, cur_nimg):
@@ -465,17 +485,18 @@ class EDMConsistencyDistillLoss:
         return dict(cd=dnnlib.EasyDict(S=self.S, sigma_min=self.student_sigma_min, sigma_max=self.sigma_max, rho=self.rho,
             student_sigmas=self.student_sigmas().tolist(), teacher=str(self.teacher_pkl),
             guide=None if self.guide_pkl is None else str(self.guide_pkl), guidance=self.guidance,
-            loss_kwargs=self.hyperparameters()))
+            init=None if self.init_pkl is None else str(self.init_pkl), loss_kwargs=self.hyperparameters()))
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.update(teacher_net=None, guide_net=None, _guided=None, _encoder=None, _grid_cache=dict(), _device_grids=None,
+        state.update(teacher_net=None, guide_net=None, init_net=None, _guided=None, _encoder=None, _grid_cache=dict(), _device_grids=None,
             _student_grid=None)
         return state
 
     def __setstate__(self, state):
         # Losses pickled before the guided cache and the student's own last node existed.
-        self.__dict__.update(dict(_guided=None, student_sigma_min=state.get('sigma_min')) | state)
+        self.__dict__.update(dict(_guided=None, student_sigma_min=state.get('sigma_min'), init_pkl=None, init_sha256=None,
+            init_net=None) | state)
 
     def state_dict(self):
         return dict(hyperparameters=self.hyperparameters(), progress_kimg=self.progress_kimg,

@@ -11,7 +11,7 @@ import torch
 
 import dnnlib
 from training import pretrained
-from training.loss_cd import EDMConsistencyDistillLoss
+from training.loss_cd import INIT_HELP, EDMConsistencyDistillLoss
 
 #----------------------------------------------------------------------------
 
@@ -20,11 +20,12 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
     teacher); init_pkl (path or URL of a network pickle) gives the starting weights and the
     architecture, and init_sha256, if given, pins its content."""
 
-    # Command-line options of --method=ct: those of --method=cd without the teacher, plus --init.
+    # Command-line options of --method=ct: those of --method=cd without the teacher; --init starts from random
+    # weights when absent.
     OPTIONS = {
-        'init': ('init_pkl', 'PKL', 'Start from this EDM2 network pickle (path or URL) instead of random weights'),
+        'init': ('init_pkl', 'PKL', INIT_HELP),
         **{name: spec for name, spec in EDMConsistencyDistillLoss.OPTIONS.items()
-            if name not in ('teacher', 'terminal_teacher_hop', 'teacher_solver', 'addim_eta', 'guide', 'guidance')},
+            if name not in ('init', 'teacher', 'terminal_teacher_hop', 'teacher_solver', 'addim_eta', 'guide', 'guidance')},
     }
 
     def __init__(self, init_pkl=None, init_sha256=None, **cd_kwargs):

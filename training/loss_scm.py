@@ -19,7 +19,7 @@ import dnnlib
 from torch_utils import misc
 from torch_utils import training_stats
 from training import pretrained
-from training.loss_cd import device_rng_state, replayed_rng
+from training.loss_cd import INIT_HELP, device_rng_state, replayed_rng
 from training.networks_edm2 import suppress_inplace_weight_norm
 
 #----------------------------------------------------------------------------
@@ -337,7 +337,7 @@ class SCTLoss(ContinuousConsistencyLoss):
 
     METHOD = 'sct'
     OPTIONS = {
-        'init': ('init_pkl', 'PKL', 'Start from this EDM2 network pickle (path or URL) instead of random weights'),
+        'init': ('init_pkl', 'PKL', INIT_HELP),
         **ContinuousConsistencyLoss.OPTIONS,
     }
 
