@@ -220,15 +220,16 @@ def train_models(paths, c, stages, seed, num_val, timings):
     run_stage(timings, 'teacher', paths.teacher, lambda: run_script('train_edm2.py', f'--outdir={paths.teacher_dir}',
         *common, '--preset=tiny-img16', f'--duration={c.teacher_duration}', f'--snapshot={c.teacher_duration}',
         f'--checkpoint={c.teacher_duration}'))
-    init = []
+    init_pkl = None
     for stage in stages:
-        last = stage is stages[-1]
-        check_finished_student(stage, init[0].split('=', 1)[1] if init else None)
+        check_finished_student(stage, init_pkl)
+        init = [] if init_pkl is None else [f'--init={init_pkl}']
+        validated = validation + ['--no_val_heun'] if stage is stages[-1] else []  # sample_all() measures the teacher's Heun
         run_stage(timings, f'student (S={stage.S})', stage.snapshot, lambda: run_script('train_edm2.py',
             f'--outdir={stage.run_dir}', *common, '--preset=cd-tiny-img16', f'--teacher={paths.teacher}', *init,
             f'--S={stage.S}', *c.cd_options, f'--duration={stage.duration}', f'--snapshot={stage.duration}',
-            f'--checkpoint={stage.duration}', *(validation + ['--no_val_heun'] if last else [])))  # sample_all() measures the teacher's Heun
-        init = [f'--init={stage.snapshot}']
+            f'--checkpoint={stage.duration}', *validated))
+        init_pkl = stage.snapshot
 
 #----------------------------------------------------------------------------
 # Validation rows and sampled points.

@@ -35,12 +35,7 @@ class ConsistencyTrainingLoss(EDMConsistencyDistillLoss):
         for name, default in defaults.items():
             if cd_kwargs.get(name, default) not in (default, None):
                 raise dnnlib.UserError(f'consistency training has no teacher, so it takes no {name}', option=name)
-        super().__init__(**cd_kwargs)
-        self.init_pkl, self.init_sha256 = init_pkl, init_sha256
-        self.init_net = None
-
-    def __getstate__(self):
-        return dict(super().__getstate__(), init_net=None)
+        super().__init__(init_pkl=init_pkl, init_sha256=init_sha256, **cd_kwargs)
 
     def prepare(self, encoder, latent_shape, label_dim, device):
         """Load the starting network (if any) and check its content and its fit to the data."""
